@@ -1,0 +1,31 @@
+"""The backbone registry: ``create_backbone(name, weights, pool)`` is the only way in.
+
+Adding a backbone is one :class:`BackboneEntry` registered in a module of this package.
+"""
+
+from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  # noqa: F401,E402  (registers)
+from featcache.backbones.registry import (
+    POOLS,
+    RANDOM,
+    Backbone,
+    BackboneEntry,
+    BackboneIdentity,
+    WeightsSource,
+    create_backbone,
+    get_entry,
+    list_backbones,
+    register,
+)
+
+__all__ = [
+    "POOLS",
+    "RANDOM",
+    "Backbone",
+    "BackboneEntry",
+    "BackboneIdentity",
+    "WeightsSource",
+    "create_backbone",
+    "get_entry",
+    "list_backbones",
+    "register",
+]

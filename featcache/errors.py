@@ -1,0 +1,13 @@
+"""The one exception type featcache raises for problems a user can fix."""
+
+
+class FeatcacheError(Exception):
+    """A user-facing failure: the message says what went wrong and what to do."""
+
+
+class ImageError(FeatcacheError):
+    """An input could not be read as an image (corrupt, truncated, not an image, too large)."""
+
+
+class FeatcacheWarning(UserWarning):
+    """Something worth telling the user that does not stop the run (e.g. random weights)."""

@@ -1,0 +1,183 @@
+"""The one image loader: every command that turns a file into pixels goes through here.
+
+Extract and predict both call :func:`load_pixels`, so they cannot preprocess differently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from featcache.errors import ImageError
+
+if TYPE_CHECKING:
+    import torch
+
+ImageSource = str | os.PathLike | Image.Image | np.ndarray
+
+#: Largest image (in pixels) that is decoded; bigger ones are refused as possible decompression bombs.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+RESIZE_POLICIES = ("stretch", "center_crop")
+_INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WHITE = (255, 255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input tensor.
+
+    ``resize`` is ``"stretch"`` (straight to size×size, no crop: the course recipe) or
+    ``"center_crop"`` (shorter side to ``size``, then the central square).
+    """
+
+    size: int = 224
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {tuple(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Return ``source`` as an RGB PIL image with its EXIF orientation applied.
+
+    ``source`` is a file path (the format is decided by content, not extension), a PIL image,
+    or a NumPy uint8 array of shape H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA).
+    Raises :class:`ImageError` when it cannot be decoded.
+    """
+    if isinstance(source, np.ndarray):
+        return to_rgb(_from_array(source))
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "image")
+        return to_rgb(_orient(source))
+    if isinstance(source, (str, os.PathLike)):
+        return to_rgb(_orient(_open(Path(source))))
+    raise TypeError(f"expected a path, a PIL image or a NumPy uint8 array, got {type(source).__name__}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels are composited onto white."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """Resize an RGB image per ``prep`` and return it as a size×size×3 uint8 array."""
+    method = _INTERPOLATIONS[prep.interpolation]
+    s = prep.size
+    if prep.resize == "stretch":
+        out = img.resize((s, s), method)
+    else:
+        w, h = img.size
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        out = img.resize((nw, nh), method)
+        left, top = (nw - s) // 2, (nh - s) // 2
+        out = out.crop((left, top, left + s, top + s))
+    return np.array(out, dtype=np.uint8)
+
+
+def load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray:
+    """Decode ``source`` and return the network-ready size×size×3 uint8 RGB array."""
+    return resize(load_image(source), prep)
+
+
+def normalize(batch: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """Turn an N×H×W×3 uint8 batch into an N×3×H×W float32 tensor scaled and normalised per ``prep``."""
+    import torch
+
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()
+    x = torch.as_tensor(batch)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected an N×H×W×3 uint8 batch, got {tuple(x.shape)} {x.dtype}")
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can decode") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file (or a broken link)") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        _check_size(img.size, str(path))
+        img.load()
+    except ImageError:
+        img.close()
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        img.close()
+        raise ImageError(f"{path}: truncated or corrupt image ({e})") from None
+    return img
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ImageError(
+            f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {MAX_PIXELS:,} "
+            "(refused as a possible decompression bomb)"
+        )
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block must not make a good picture unreadable
+        return img
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise ImageError(f"expected a uint8 array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageError(f"expected an H×W, H×W×3 or H×W×4 array, got shape {arr.shape}")
+    _check_size((arr.shape[1], arr.shape[0]), "array")
+    return Image.fromarray(np.ascontiguousarray(arr))
