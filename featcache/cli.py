@@ -53,18 +53,184 @@ def _not_yet(command: str) -> None:
     raise click.ClickException(f"'featcache {command}' is not implemented yet")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def extract(args: tuple[str, ...]) -> None:
-    """Embed every image of a folder into an HDF5 feature cache (not implemented yet)."""
-    _not_yet("extract")
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "-o", "--output", default="features.h5", show_default=True, help="Feature cache to write or update."
+)
+@click.option(
+    "--backbone",
+    default="mobilenet_v2",
+    show_default=True,
+    help="Backbone name (see 'featcache backbones'; any torchvision classifier works too).",
+)
+@click.option(
+    "--weights",
+    default=None,
+    help="Weights name (e.g. IMAGENET1K_V2), a weights file, or 'random' (tests only). "
+    "Default: the backbone's first weights.",
+)
+@click.option(
+    "--labels",
+    default=None,
+    help="Label map: a .json or .csv file (folder -> name[, category]) or the preset 'garbage26'.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["avg", "max", "avgmax"]),
+    default="avg",
+    show_default=True,
+    help="How the last feature map is pooled into one vector.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage type of the features (float16 halves the file).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Decoding threads working ahead of the model (0: decode in the main thread).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the backbone runs.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing cache made with another backbone, weights or settings.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(
+    data_dir: str,
+    output: str,
+    backbone: str,
+    weights: str | None,
+    labels: str | None,
+    pool: str,
+    dtype: str,
+    batch_size: int,
+    workers: int,
+    device: str,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Embed every image under DATA_DIR into an HDF5 feature cache.
+
+    DATA_DIR/<class>/<images> are labelled by folder name; images directly in DATA_DIR are
+    unlabelled. Reruns only compute new and changed files; an interrupted run resumes.
+    """
+    from featcache.extract import extract as run_extract
+
+    bar = _ProgressBar("extract", quiet)
+    try:
+        result = run_extract(
+            data_dir,
+            output,
+            backbone=backbone,
+            weights=weights,
+            pool=pool,
+            dtype=dtype,
+            labels=labels,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            overwrite=overwrite,
+            on_progress=bar.update,
+        )
+    finally:
+        bar.close()
+    ident = result.identity
+    click.echo(
+        f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
+        f"{ident.feature_dim}-d {ident.pool}-pooled; computed {result.n_computed}, reused {result.n_reused}, "
+        f"removed {result.n_removed} in {result.seconds:.1f} s" + ("" if result.written else " (unchanged)")
+    )
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} file(s):", err=True)
+        for path, reason in result.skipped[:20]:
+            click.echo(f"  {_printable(path)}: {reason}", err=True)
+        if len(result.skipped) > 20:
+            click.echo(
+                f"  ... and {len(result.skipped) - 20} more ('featcache info --skipped' lists all)", err=True
+            )
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def info(args: tuple[str, ...]) -> None:
-    """Describe a feature cache (not implemented yet)."""
-    _not_yet("info")
+@cli.command()
+@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--skipped", "show_skipped", is_flag=True, help="List every skipped file with its reason.")
+def info(features: str, show_skipped: bool) -> None:
+    """Describe a feature cache: images, classes, backbone identity, skipped files, size."""
+    import os
+
+    from featcache.cache import read_cache
+
+    cache = read_cache(features)
+    ident = cache.identity
+    p = ident.preprocessing
+    size = os.path.getsize(features)
+    n = len(cache)
+    labelled = int((cache.labels >= 0).sum())
+    counts = f"{n} images ({labelled} labelled, {n - labelled} unlabelled), {len(cache.classes)} classes"
+    click.echo(f"{features}: {counts}")
+    click.echo(f"  backbone     {ident.backbone}, weights {ident.weights}")
+    click.echo(f"  weights sha  {ident.weights_sha256}")
+    click.echo(f"  features     {ident.feature_dim}-d, {ident.pool} pooling, stored as {cache.dtype}")
+    click.echo(f"  preprocess   {p.size}x{p.size} {p.resize} ({p.interpolation}), mean {p.mean}, std {p.std}")
+    click.echo(f"  data root    {cache.data_root}")
+    click.echo(f"  created      {cache.created} by featcache {cache.featcache_version}")
+    per_image = f", {size / n / 1024:.2f} KiB per image" if n else ""
+    click.echo(f"  size         {size / 1024 / 1024:.2f} MiB{per_image}")
+    if cache.classes:
+        click.echo("  classes:")
+        for folder, count in cache.class_counts().items():
+            name, category = cache.label_map.display(folder), cache.label_map.category(folder)
+            shown = folder if name == folder else f"{folder} {name}"
+            click.echo(f"    {count:6d}  {shown}" + (f" [{category}]" if category else ""))
+    click.echo(f"  skipped      {len(cache.skipped)} file(s)")
+    listing = cache.skipped if show_skipped else cache.skipped[:10]
+    for path, reason in listing:
+        click.echo(f"    {_printable(path)}: {reason}")
+    if len(listing) < len(cache.skipped):
+        click.echo(f"    ... and {len(cache.skipped) - len(listing)} more (--skipped lists all)")
+
+
+class _ProgressBar:
+    """A tqdm bar driven by the library's progress callbacks."""
+
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def update(self, progress) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=progress.total, initial=progress.done, desc=self.desc, unit="img", dynamic_ncols=True
+            )
+        self.bar.update(progress.done - self.bar.n)
+        self.bar.set_postfix(skipped=progress.skipped, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

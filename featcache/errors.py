@@ -6,7 +6,15 @@ class FeatcacheError(Exception):
 
 
 class ImageError(FeatcacheError):
-    """An input could not be read as an image (corrupt, truncated, not an image, too large)."""
+    """An input could not be read as an image (corrupt, truncated, not an image, too large).
+
+    ``reason`` says why, ``source`` names the input (a path, or "array"/"image").
+    """
+
+    def __init__(self, reason: str, source: object = "image"):
+        super().__init__(f"{source}: {reason}")
+        self.reason = reason
+        self.source = source
 
 
 class FeatcacheWarning(UserWarning):

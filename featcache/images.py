@@ -133,15 +133,19 @@ def _open(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can decode") from None
+        raise ImageError("not an image Pillow can decode", path) from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+        raise ImageError(f"refused as a possible decompression bomb ({e})", path) from None
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file (or a broken link)") from None
+        raise ImageError("no such file (or a broken link)", path) from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+        raise ImageError("permission denied", path) from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if e.errno is None:  # raised by a Pillow decoder, not by the file system
+            raise ImageError(f"truncated or corrupt image ({e})", path) from None
+        raise ImageError(f"cannot be read ({e.strerror})", path) from None
+    except (SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"truncated or corrupt image ({e})", path) from None
     try:
         _check_size(img.size, str(path))
         img.load()
@@ -150,7 +154,7 @@ def _open(path: Path) -> Image.Image:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         img.close()
-        raise ImageError(f"{path}: truncated or corrupt image ({e})") from None
+        raise ImageError(f"truncated or corrupt image ({e})", path) from None
     return img
 
 
@@ -158,11 +162,12 @@ def _check_size(size: tuple[int, int], name: str) -> None:
     w, h = size
     if w * h > MAX_PIXELS:
         raise ImageError(
-            f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {MAX_PIXELS:,} "
-            "(refused as a possible decompression bomb)"
+            f"{w}x{h} = {w * h:,} pixels is over the limit of {MAX_PIXELS:,} "
+            "(refused as a possible decompression bomb)",
+            name,
         )
     if w < 1 or h < 1:
-        raise ImageError(f"{name}: empty image ({w}x{h})")
+        raise ImageError(f"empty image ({w}x{h})", name)
 
 
 def _orient(img: Image.Image) -> Image.Image:
@@ -174,10 +179,10 @@ def _orient(img: Image.Image) -> Image.Image:
 
 def _from_array(arr: np.ndarray) -> Image.Image:
     if arr.dtype != np.uint8:
-        raise ImageError(f"expected a uint8 array, got dtype {arr.dtype}")
+        raise ImageError(f"expected a uint8 array, got dtype {arr.dtype}", "array")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ImageError(f"expected an H×W, H×W×3 or H×W×4 array, got shape {arr.shape}")
+        raise ImageError(f"expected an H×W, H×W×3 or H×W×4 array, got shape {arr.shape}", "array")
     _check_size((arr.shape[1], arr.shape[0]), "array")
     return Image.fromarray(np.ascontiguousarray(arr))

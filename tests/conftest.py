@@ -19,3 +19,40 @@ def photo():
     arr = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], axis=-1).astype(np.uint8)
     arr[:20, :30] = 0
     return arr
+
+
+def make_image(path, seed, size=(64, 48), fmt=None):
+    """Write a distinct small picture (smooth colour field + a few blocks) and return its path."""
+    from PIL import Image
+
+    r = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = r.integers(0, 256, 3)
+    arr = ((base + np.stack([x, y, x + y], -1) * r.uniform(0.5, 3, 3)) % 256).astype(np.uint8)
+    for _ in range(3):
+        x0, y0 = r.integers(0, w - 8), r.integers(0, h - 8)
+        arr[y0 : y0 + 8, x0 : x0 + 8] = r.integers(0, 256, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, fmt)
+    return path
+
+
+def make_dataset(root, classes=("cat", "dog", "fox"), per_class=6, seed=0):
+    """A labelled folder root/<class>/<nnn>.jpg of small distinct pictures."""
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            make_image(root / name / f"{i:03d}.jpg", seed * 1000 + c * 100 + i)
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def lite0_backbone():
+    from featcache.backbones import create_backbone
+
+    return create_backbone("efficientnet_lite0")

@@ -89,7 +89,8 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(FeatcacheError, match="download failed.*name resolution.*save it as") as e:
+    expected = r"download failed: .*name resolution\); download .* and save it as"
+    with pytest.raises(FeatcacheError, match=expected) as e:
         create_backbone("mobilenet_v2", weights="IMAGENET1K_V2")
     assert calls == [(MobileNet_V2_Weights.IMAGENET1K_V2.url, "7ebf99e0")]
     assert "\n" not in str(e.value)

@@ -5,6 +5,7 @@ Adding a backbone is one :class:`BackboneEntry` registered in a module of this p
 
 from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  # noqa: F401,E402  (registers)
 from featcache.backbones.registry import (
+    DEFAULT_BACKBONE,
     POOLS,
     RANDOM,
     Backbone,
@@ -18,6 +19,7 @@ from featcache.backbones.registry import (
 )
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "POOLS",
     "RANDOM",
     "Backbone",

@@ -16,6 +16,7 @@ from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.images import Preprocessing, normalize
 
 POOLS = ("avg", "max", "avgmax")
+DEFAULT_BACKBONE = "mobilenet_v2"
 RANDOM = "random"
 
 
@@ -178,8 +179,8 @@ def register_fallback(factory: Callable[[str], BackboneEntry | None]) -> None:
 
 
 def list_backbones() -> list[str]:
-    """Names of the registered backbones (the first is the default)."""
-    return list(_REGISTRY)
+    """Names of the registered backbones, the default first."""
+    return sorted(_REGISTRY, key=lambda name: (name != DEFAULT_BACKBONE, name))
 
 
 def get_entry(name: str) -> BackboneEntry:
@@ -191,13 +192,13 @@ def get_entry(name: str) -> BackboneEntry:
         if entry is not None:
             return entry
     raise FeatcacheError(
-        f"unknown backbone {name!r}: choose one of {', '.join(_REGISTRY)}, "
+        f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}, "
         "or any torchvision classification model name (e.g. resnet50)"
     )
 
 
 def create_backbone(
-    name: str = "mobilenet_v2",
+    name: str = DEFAULT_BACKBONE,
     weights: str | None = None,
     pool: str = "avg",
     device: str | torch.device = "cpu",

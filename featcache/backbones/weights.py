@@ -89,6 +89,6 @@ def _check_hash_prefix(path: Path) -> None:
 
 def _missing(entry: BackboneEntry, source: WeightsSource, cached: Path, why: str) -> FeatcacheError:
     return FeatcacheError(
-        f"{entry.name} weights {source.name} are not on this machine and {why}: "
-        f"download {source.url} and save it as {cached} (or pass --weights PATH)"
+        f"{entry.name} weights {source.name} are not on this machine ({why}); "
+        f"download {source.url} and save it as {cached}, or pass --weights PATH"
     )

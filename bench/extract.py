@@ -1,0 +1,182 @@
+"""Extraction throughput: featcache vs the naive pipeline, on the same images, in one run.
+
+Naive pipeline (the spec's baseline): torchvision ImageFolder + DataLoader(num_workers=2, batch 32)
++ the unmodified model + mean pooling of the last feature map. Each measurement runs in its own
+process so that peak memory is its own. Prints images/s, the ratio, peak RSS, and the lowest
+per-image cosine similarity between the two pipelines' features (real weights only).
+
+    python bench/extract.py                       # both image sets, both backbones
+    python bench/extract.py --png 200 --jpeg 100  # a quicker run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def _peak_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + kids) / 1024
+
+
+def run_naive(data: Path, backbone: str, weights: str | None, out: Path) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from featcache.backbones import create_backbone
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = create_backbone(backbone, weights)  # only for its unmodified model and preprocessing
+    model, entry, prep = net.model, net.entry, net.preprocessing
+    tf = transforms.Compose(
+        [
+            transforms.Resize((prep.size, prep.size)),
+            transforms.ToTensor(),
+            transforms.Normalize(prep.mean, prep.std),
+        ]
+    )
+    ds = datasets.ImageFolder(str(data), transform=tf)
+    loader = DataLoader(ds, batch_size=32, num_workers=2)
+    feats = []
+    with torch.no_grad():
+        for x, _ in loader:
+            feats.append(entry.features(model, x).mean(dim=(2, 3)).numpy())
+    seconds = time.perf_counter() - start
+    np.save(out, np.concatenate(feats))
+    paths = [str(Path(p).relative_to(data)) for p, _ in ds.samples]
+    return {"images": len(ds), "seconds": seconds, "peak_mb": _peak_mb(), "paths": paths}
+
+
+def run_featcache(data: Path, backbone: str, weights: str | None, out: Path, extra: dict) -> dict:
+    from featcache.cache import read_cache
+    from featcache.extract import extract
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = extract(
+            data, out.with_suffix(".h5"), backbone=backbone, weights=weights, overwrite=True, **extra
+        )
+    seconds = time.perf_counter() - start
+    cache = read_cache(result.output)
+    np.save(out, cache.features.astype(np.float32))
+    return {"images": result.n_images, "seconds": seconds, "peak_mb": _peak_mb(), "paths": cache.paths}
+
+
+def _child(args: argparse.Namespace) -> None:
+    extra = json.loads(args.extra)
+    if args.child == "naive":
+        res = run_naive(Path(args.data), args.backbone, args.weights, Path(args.out))
+    else:
+        res = run_featcache(Path(args.data), args.backbone, args.weights, Path(args.out), extra)
+    print(json.dumps(res))
+
+
+def measure(
+    kind: str, data: Path, backbone: str, weights: str | None, out: Path, extra: dict | None = None
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--data",
+        str(data),
+        "--backbone",
+        backbone,
+        "--out",
+        str(out),
+        "--extra",
+        json.dumps(extra or {}),
+    ]
+    if weights:
+        cmd += ["--weights", weights]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def min_cosine(a: np.ndarray, pa: list[str], b: np.ndarray, pb: list[str]) -> float:
+    index = {p: i for i, p in enumerate(pb)}
+    b = b[[index[p] for p in pa]]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--png", type=int, default=640, help="Fashion-MNIST 28x28 PNGs (in total, 10 classes)")
+    ap.add_argument("--jpeg", type=int, default=320, help="500x375 JPEGs (q90) upscaled from Fashion-MNIST")
+    ap.add_argument(
+        "--backbones",
+        default="mobilenet_v2:random,efficientnet_lite0",
+        help="comma-separated NAME[:WEIGHTS]; mobilenet_v2 runs with random weights offline",
+    )
+    ap.add_argument("--workdir", default=str(HERE / "out"), help="where the image sets are written")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    for hidden in ("--data", "--backbone", "--weights", "--out", "--extra"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+
+    import fashion
+
+    work = Path(args.workdir)
+    sets = []
+    if args.png:
+        sets.append(
+            ("fmnist-png-28", fashion.write_folder(work / f"fmnist_png_{args.png}", "train", args.png // 10))
+        )
+    if args.jpeg:
+        folder = work / f"fmnist_jpeg500_{args.jpeg}"
+        sets.append(
+            ("jpeg-500x375", fashion.write_folder(folder, "train", args.jpeg // 10, (500, 375), "JPEG"))
+        )
+    print(
+        f"{'images':14} {'backbone':20} {'n':>5} {'naive img/s':>12} {'featcache img/s':>16} {'ratio':>6} "
+        f"{'naive MB':>9} {'fc MB':>7} {'min cos':>8}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for set_name, folder in sets:
+            for spec in args.backbones.split(","):
+                name, _, weights = spec.partition(":")
+                naive = measure("naive", folder, name, weights or None, Path(tmp) / "naive.npy")
+                fc = measure("featcache", folder, name, weights or None, Path(tmp) / "fc.npy")
+                cos = min_cosine(
+                    np.load(Path(tmp) / "fc.npy"),
+                    fc["paths"],
+                    np.load(Path(tmp) / "naive.npy"),
+                    naive["paths"],
+                )
+                n_rate, f_rate = naive["images"] / naive["seconds"], fc["images"] / fc["seconds"]
+                label = f"{name}{':' + weights if weights else ''}"
+                # untrained MobileNetV2 features are ~1e-9 in size: their cosine says nothing
+                cos_text = "n/a" if weights == "random" else f"{cos:.5f}"
+                print(
+                    f"{set_name:14} {label:20} {fc['images']:5d} {n_rate:12.1f} {f_rate:16.1f} "
+                    f"{f_rate / n_rate:5.2f}x {naive['peak_mb']:9.0f} {fc['peak_mb']:7.0f} {cos_text:>8}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

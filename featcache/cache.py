@@ -1,0 +1,172 @@
+"""The HDF5 feature cache: one file with the embeddings and everything that identifies them.
+
+Files are always written whole to a temporary name and renamed into place, so a reader (or a
+killed writer) only ever sees the previous complete cache or the new complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featcache import __version__
+from featcache.backbones.registry import BackboneIdentity
+from featcache.dataset import LabelMap
+from featcache.errors import FeatcacheError
+
+FORMAT = "featcache-features"
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class FeatureCache:
+    """The contents of a feature cache, in memory.
+
+    Row ``i`` is the image ``paths[i]`` (relative to ``data_root``, ``/``-separated), with class
+    index ``labels[i]`` into ``classes`` (-1 when unlabelled), embedding ``features[i]``, and the
+    file's ``sizes[i]``/``mtimes_ns[i]`` when it was read. ``skipped`` lists ``(path, reason)``.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    classes: list[str]
+    identity: BackboneIdentity
+    label_map: LabelMap = field(default_factory=LabelMap)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    data_root: str = ""
+    dtype: str = "float32"
+    created: str = ""
+    featcache_version: str = __version__
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Display names of the classes (from the label map when there is one)."""
+        return [self.label_map.display(c) for c in self.classes]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
+        return dict(zip(self.classes, counts.tolist(), strict=True))
+
+
+def _encode(paths: list[str]) -> np.ndarray:
+    raw = [os.fsencode(p) for p in paths]
+    width = max((len(r) for r in raw), default=1) or 1
+    return np.array(raw, dtype=f"S{width}")
+
+
+def _decode(arr: np.ndarray) -> list[str]:
+    return [os.fsdecode(bytes(b)) for b in arr]
+
+
+def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
+    """Write ``cache`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    if cache.dtype not in DTYPES:
+        raise FeatcacheError(f"dtype must be one of {DTYPES}, got {cache.dtype!r}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    str_dt = h5py.string_dtype()
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=cache.features.astype(cache.dtype, copy=False))
+            f.create_dataset("labels", data=np.asarray(cache.labels, dtype=np.int32))
+            f.create_dataset("paths", data=_encode(cache.paths))
+            f.create_dataset("file_size", data=np.asarray(cache.sizes, dtype=np.int64))
+            f.create_dataset("file_mtime_ns", data=np.asarray(cache.mtimes_ns, dtype=np.int64))
+            f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=str_dt)
+            g = f.create_group("skipped")
+            g.create_dataset("paths", data=_encode([p for p, _ in cache.skipped]))
+            reasons = np.array([r for _, r in cache.skipped], dtype=object)
+            g.create_dataset("reasons", data=reasons, dtype=str_dt)
+            ident = cache.identity
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "identity": json.dumps(ident.to_dict(), sort_keys=True),
+                    "backbone": ident.backbone,
+                    "weights": ident.weights,
+                    "weights_sha256": ident.weights_sha256,
+                    "preprocessing": json.dumps(ident.preprocessing.to_dict(), sort_keys=True),
+                    "pool": ident.pool,
+                    "dtype": cache.dtype,
+                    "label_map": json.dumps(cache.label_map.to_dict(), sort_keys=True),
+                    "data_root": cache.data_root,
+                    "created": cache.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "featcache_version": __version__,
+                }
+            )
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def read_cache(path: str | os.PathLike) -> FeatureCache:
+    """Load a feature cache written by :func:`write_cache`; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatcacheError(f"{path}: no such feature cache (run 'featcache extract DATA_DIR' first)")
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise FeatcacheError(f"{path}: not a featcache feature cache")
+            version = int(f.attrs["format_version"])
+            if version > FORMAT_VERSION:
+                raise FeatcacheError(
+                    f"{path}: cache format {version} is newer than this featcache understands "
+                    f"({FORMAT_VERSION}); upgrade featcache"
+                )
+            skipped = list(
+                zip(
+                    _decode(f["skipped/paths"][()]),
+                    [r.decode() if isinstance(r, bytes) else r for r in f["skipped/reasons"][()]],
+                    strict=True,
+                )
+            )
+            return FeatureCache(
+                features=f["features"][()],
+                labels=f["labels"][()],
+                paths=_decode(f["paths"][()]),
+                sizes=f["file_size"][()],
+                mtimes_ns=f["file_mtime_ns"][()],
+                classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]],
+                identity=BackboneIdentity.from_dict(json.loads(f.attrs["identity"])),
+                label_map=LabelMap.from_dict(json.loads(f.attrs["label_map"])),
+                skipped=skipped,
+                data_root=str(f.attrs["data_root"]),
+                dtype=str(f.attrs["dtype"]),
+                created=str(f.attrs["created"]),
+                featcache_version=str(f.attrs["featcache_version"]),
+            )
+    except FeatcacheError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise FeatcacheError(f"{path}: not a readable featcache feature cache ({e})") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
