@@ -233,18 +233,84 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def fit(args: tuple[str, ...]) -> None:
-    """Cross-validate classifiers on a feature cache and save the best (not implemented yet)."""
-    _not_yet("fit")
+@cli.command()
+@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--model",
+    type=click.Choice(["logreg", "linsvm", "softmax", "all"]),
+    default="all",
+    show_default=True,
+    help="Model family to cross-validate; 'all' compares them and keeps the best.",
+)
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="Stratified folds.")
+@click.option(
+    "-o",
+    "--output",
+    default="models",
+    show_default=True,
+    help="Folder for best.joblib, its manifest, report.json and confusion_matrix.png.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and the models.")
+def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
+    """Cross-validate classifiers on a feature cache and save the best.
+
+    Each family's small grid is scored by stratified k-fold CV; the family with the best mean
+    accuracy is refit on all labelled images and saved with its report.
+    """
+    from featcache.fit import fit as run_fit
+    from featcache.report import families_table, per_class_table
+
+    result = run_fit(
+        features,
+        model=model,
+        cv=cv,
+        output=output,
+        seed=seed,
+        on_progress=lambda msg: click.echo(msg, err=True),
+    )
+    report = result.report
+    click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {cv}-fold CV (seed {seed})")
+    click.echo(families_table(report))
+    click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
+    click.echo(per_class_table(report["per_class"]))
+    click.echo(f"\nmodel   {result.model_path}")
+    click.echo(f"report  {result.report_path}")
+    click.echo(f"matrix  {result.confusion_path}")
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def evaluate(args: tuple[str, ...]) -> None:
-    """Score a saved model on a feature cache or an image folder (not implemented yet)."""
-    _not_yet("evaluate")
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=str))
+@click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to score.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images per forward pass (image folders only).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the backbone runs (image folders only).",
+)
+def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None:
+    """Score a saved model on a feature cache or a labelled image folder.
+
+    SOURCE is a cache made with the model's backbone, or a folder laid out like the training
+    data (embedded on the fly, nothing written). Prints accuracy, macro-F1 and a per-class table.
+    """
+    from featcache.fit import evaluate as run_evaluate
+    from featcache.report import per_class_table
+
+    ev = run_evaluate(source, model_path, batch_size=batch_size, device=device)
+    click.echo(f"{source}: {ev.n_images} labelled images")
+    click.echo(f"accuracy  {100 * ev.accuracy:.2f} %")
+    click.echo(f"macro-F1  {100 * ev.macro_f1:.2f} %")
+    click.echo(per_class_table(ev.per_class))
+    if ev.skipped:
+        click.echo(f"skipped {len(ev.skipped)} unreadable file(s)", err=True)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -333,3 +333,34 @@ class _Partial:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def embed_folder(
+    data_dir: str | os.PathLike,
+    identity: BackboneIdentity,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: str = "auto",
+) -> FeatureCache:
+    """Embed a folder in memory with the backbone described by ``identity`` (nothing is written)."""
+    dataset = scan(data_dir)
+    net = backbone_for(identity, device=resolve_device(device))
+    rows: dict[str, _Row] = {}
+    skipped = dict(dataset.unreadable)
+    for batch_rows, batch_skipped in _embed(net, dataset, dataset.files, batch_size, workers):
+        rows.update(batch_rows)
+        skipped.update(batch_skipped)
+    listing = sorted(skipped.items(), key=lambda s: os.fsencode(s[0]))
+    return _assemble(dataset, identity, "float32", LabelMap(), {}, rows, listing)
+
+
+def backbone_for(identity: BackboneIdentity, device: str = "cpu") -> Backbone:
+    """Build the backbone an identity describes; refuse when the weights at hand are not the same."""
+    net = create_backbone(identity.backbone, identity.weights, pool=identity.pool, device=device)
+    differences = net.identity.differences(identity)
+    if differences:
+        raise FeatcacheError(
+            f"the {identity.backbone} backbone available here differs from the one recorded "
+            f"({'; '.join(differences)})"
+        )
+    return net

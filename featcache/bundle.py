@@ -1,0 +1,112 @@
+"""The model bundle: a joblib file plus a manifest holding its SHA-256.
+
+joblib (pickle) files run code when they are loaded, so :func:`load_bundle` checks the file's
+size and SHA-256 against the manifest beside it *before* unpickling, and refuses a file that is
+truncated, modified, or has no manifest. Replacing a bundle never leaves a state in which
+neither the old nor the new model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+from featcache import __version__
+from featcache.cache import _fsync_dir
+from featcache.errors import FeatcacheError
+
+FORMAT = "featcache-model"
+FORMAT_VERSION = 1
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """Where the manifest of bundle ``path`` lives: ``<path>.manifest.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".manifest.json")
+
+
+def save_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> str:
+    """Write ``bundle`` to ``path`` with its manifest; return the file's SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    joblib.dump({"format": FORMAT, "format_version": FORMAT_VERSION, **bundle}, buf, compress=3)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    mpath = manifest_path(path)
+    previous = _read_manifest(mpath).get("sha256") if mpath.is_file() and path.is_file() else None
+    # The manifest accepts both files while the new one is renamed into place.
+    _write_atomic(mpath, _manifest(path, digest, len(data), previous))
+    _write_atomic(path, data)
+    _write_atomic(mpath, _manifest(path, digest, len(data), None))
+    return digest
+
+
+def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    """Check ``path`` against its manifest, then unpickle it; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatcacheError(f"{path}: no such model (run 'featcache fit' first, or pass --model-path)")
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise FeatcacheError(
+            f"{path}: no manifest ({mpath.name}) beside it; refusing to unpickle an unverified file"
+        )
+    manifest = _read_manifest(mpath)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    accepted = {manifest.get("sha256"), manifest.get("previous_sha256")} - {None}
+    if digest not in accepted:
+        raise FeatcacheError(
+            f"{path}: SHA-256 {digest[:12]}… does not match its manifest ({len(data)} bytes, expected "
+            f"{manifest.get('size')}): the file is truncated, modified or not the one that was saved; "
+            "refusing to unpickle it"
+        )
+    try:
+        bundle = joblib.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a verified file that still fails to load
+        raise FeatcacheError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise FeatcacheError(f"{path}: not a featcache model")
+    if bundle.get("format_version", 0) > FORMAT_VERSION:
+        raise FeatcacheError(
+            f"{path}: made by a newer featcache ({bundle.get('featcache_version')}); upgrade"
+        )
+    return bundle
+
+
+def _manifest(path: Path, digest: str, size: int, previous: str | None) -> bytes:
+    m = {"format": FORMAT + "-manifest", "file": path.name, "sha256": digest, "size": size,
+         "featcache_version": __version__}  # fmt: skip
+    if previous and previous != digest:
+        m["previous_sha256"] = previous
+    return (json.dumps(m, indent=2) + "\n").encode()
+
+
+def _read_manifest(mpath: Path) -> dict[str, Any]:
+    try:
+        m = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatcacheError(f"{mpath}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT + "-manifest":
+        raise FeatcacheError(f"{mpath}: not a featcache manifest")
+    return m
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
