@@ -7,7 +7,8 @@ from featcache.models import FAMILIES, SoftmaxClassifier
 
 
 def test_softmax_passes_sklearn_estimator_checks():
-    # The whole check_estimator suite: nothing is skipped or marked as expected to fail.
+    # The whole check_estimator suite, none marked as expected to fail; sklearn itself skips its
+    # pandas and array-API checks when those libraries are not installed.
     check_estimator(SoftmaxClassifier(epochs=30, random_state=0))
 
 
