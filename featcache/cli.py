@@ -17,6 +17,22 @@ from featcache import __version__
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _batch_size_option(help_text: str):
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help=help_text
+    )
+
+
+def _device_option(help_text: str):
+    return click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help=help_text,
+    )
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="featcache")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
@@ -36,11 +52,12 @@ def backbones() -> None:
     """List the registered backbones with their weights and preprocessing."""
     from featcache.backbones import get_entry, list_backbones
 
-    for name in list_backbones():
+    names = list_backbones()
+    for name in names:
         entry = get_entry(name)
         p = entry.preprocessing
         weights = ", ".join(w.name for w in entry.weights)
-        click.echo(f"{name}{' (default)' if name == list_backbones()[0] else ''}: {entry.description}")
+        click.echo(f"{name}{' (default)' if name == names[0] else ''}: {entry.description}")
         click.echo(f"    weights: {weights} (first is default), or a file path, or 'random'")
         click.echo(
             f"    input {p.size}x{p.size} {p.resize} {p.interpolation}, mean {p.mean}, std {p.std}, "
@@ -89,9 +106,7 @@ def _not_yet(command: str) -> None:
     show_default=True,
     help="Storage type of the features (float16 halves the file).",
 )
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
-)
+@_batch_size_option("Images per forward pass.")
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -99,13 +114,7 @@ def _not_yet(command: str) -> None:
     show_default=True,
     help="Decoding threads working ahead of the model (0: decode in the main thread).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where the backbone runs.",
-)
+@_device_option("Where the backbone runs.")
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -281,20 +290,8 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
 @cli.command()
 @click.argument("source", type=click.Path(exists=True, path_type=str))
 @click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to score.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Images per forward pass (image folders only).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where the backbone runs (image folders only).",
-)
+@_batch_size_option("Images per forward pass (image folders only).")
+@_device_option("Where the backbone runs (image folders only).")
 def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None:
     """Score a saved model on a feature cache or a labelled image folder.
 

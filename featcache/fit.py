@@ -55,7 +55,7 @@ def fit(
     predictions give the per-class table and the confusion matrix.
     """
     from sklearn.base import clone
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import ParameterGrid, StratifiedKFold, cross_validate
 
     if model not in MODEL_CHOICES:
@@ -100,9 +100,9 @@ def fit(
         oof[name] = best.pop("_pred")
         for g in grid:
             g.pop("_pred", None)
-        results[name] = {**{k: v for k, v in best.items()}, "best_params": best["params"],
-                         "fit_seconds": time.perf_counter() - start, "grid": grid}  # fmt: skip
-        results[name].pop("params")
+        summary = {k: v for k, v in best.items() if k != "params"}
+        results[name] = {**summary, "best_params": best["params"], "fit_seconds": time.perf_counter() - start,
+                         "grid": grid}  # fmt: skip
     chosen = max(families, key=lambda n: results[n]["cv_accuracy_mean"])
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
@@ -111,12 +111,7 @@ def fit(
         warnings.simplefilter("ignore")
         final.fit(X, y)
     pred = oof[chosen]
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
-    per_class = [
-        {"class": c, "name": cache.label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
-         "f1": float(f[i]), "support": int(s[i])}
-        for i, c in enumerate(classes)
-    ]  # fmt: skip
+    per_class = _per_class(y, pred, list(classes), cache.label_map)
     report = {
         "best": chosen,
         "cv": cv,
@@ -156,6 +151,19 @@ def fit(
     return FitResult(report, model_path, report_path, confusion_path)
 
 
+def _per_class(
+    y: np.ndarray, pred: np.ndarray, classes: list[str], label_map: LabelMap
+) -> list[dict[str, Any]]:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    return [
+        {"class": c, "name": label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
+         "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    ]  # fmt: skip
+
+
 @dataclass
 class Evaluation:
     """Scores of a model on labelled data."""
@@ -186,7 +194,7 @@ def evaluate(
     A cache must have been made with the model's backbone identity; a folder is embedded on the
     fly with that backbone (nothing is written).
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     bundle = load_bundle(model_path)
     identity = model_identity(bundle)
@@ -217,12 +225,7 @@ def evaluate(
         )
     pred = bundle["pipeline"].predict(X)
     classes = list(bundle["classes"])
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
-    per_class = [
-        {"class": c, "name": label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
-         "f1": float(f[i]), "support": int(s[i])}
-        for i, c in enumerate(classes)
-    ]  # fmt: skip
+    per_class = _per_class(y, pred, classes, label_map)
     return Evaluation(
         accuracy=float(accuracy_score(y, pred)),
         macro_f1=float(f1_score(y, pred, labels=sorted(set(y)), average="macro", zero_division=0)),
