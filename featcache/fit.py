@@ -54,7 +54,6 @@ def fit(
     family with the best mean accuracy is refit on all labelled rows. Its out-of-fold
     predictions give the per-class table and the confusion matrix.
     """
-    from sklearn.base import clone
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import ParameterGrid, StratifiedKFold, cross_validate
 
@@ -106,7 +105,7 @@ def fit(
     chosen = max(families, key=lambda n: results[n]["cv_accuracy_mean"])
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
-    final = clone(FAMILIES[chosen].build(seed)).set_params(**results[chosen]["best_params"])
+    final = FAMILIES[chosen].build_final(seed, results[chosen]["best_params"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final.fit(X, y)

@@ -17,7 +17,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -186,14 +185,115 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(scores, axis=1)]
 
 
+class LinearSVM(ClassifierMixin, BaseEstimator):
+    """A linear SVM: L2-regularised squared hinge loss, one-vs-rest, like :class:`sklearn.svm.LinearSVC`.
+
+    It minimises the same objective as ``LinearSVC(loss="squared_hinge")``, except that the
+    intercept is not penalised, with the same kind of solver as liblinear's primal one (Newton
+    steps on the generalised Hessian, solved by conjugate gradients). All one-vs-rest problems are
+    solved together, so the work is a few large matrix products instead of one class at a time.
+
+    Parameters
+    ----------
+    C : inverse regularisation strength (> 0), as in ``LinearSVC``.
+    max_iter : Newton iterations at most.
+    tol : stop when the average relative change of the weights falls below this.
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-5):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, X: Any, y: Any) -> LinearSVM:
+        """Train on features ``X`` (n_samples × n_features) and labels ``y``."""
+        from scipy.optimize import minimize
+
+        checks = [
+            ("C", isinstance(self.C, int | float) and self.C > 0, "a number > 0"),
+            ("max_iter", isinstance(self.max_iter, int) and self.max_iter >= 1, "an integer >= 1"),
+            ("tol", isinstance(self.tol, int | float) and self.tol > 0, "a number > 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"LinearSVM needs samples of at least 2 classes; got {len(self.classes_)} class")
+        k = 1 if len(self.classes_) == 2 else len(self.classes_)
+        targets = (y_idx == 1)[:, None] if k == 1 else y_idx[:, None] == np.arange(k)
+        signs = np.where(targets, 1, -1).astype(X.dtype)
+        d, C = X.shape[1], float(self.C)
+
+        # theta = [W (d x k, raveled), b (k)]; the products run in the dtype of X (float32
+        # features: about 3x faster than float64), the sums in float64
+        def scores(theta: np.ndarray) -> np.ndarray:
+            return X @ theta[: d * k].reshape(d, k).astype(X.dtype) + theta[d * k :].astype(X.dtype)
+
+        def pack(W: np.ndarray, per_sample: np.ndarray) -> np.ndarray:
+            grad_w = W + (X.T @ per_sample).astype(np.float64)
+            return np.concatenate([grad_w.ravel(), per_sample.sum(axis=0, dtype=np.float64)])
+
+        def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            W = theta[: d * k].reshape(d, k)
+            slack = np.maximum(0, 1 - signs * scores(theta))
+            loss = 0.5 * float(np.vdot(W, W)) + C * float(np.vdot(slack, slack))
+            return loss, pack(W, (-2 * C) * slack * signs)
+
+        def hessian_times(theta: np.ndarray, v: np.ndarray) -> np.ndarray:
+            active = (signs * scores(theta) < 1).astype(X.dtype)
+            return pack(v[: d * k].reshape(d, k), (2 * C) * active * scores(v))
+
+        result = minimize(
+            loss_and_grad, np.zeros(d * k + k), jac=True, hessp=hessian_times, method="Newton-CG",
+            options={"maxiter": self.max_iter, "xtol": self.tol},
+        )  # fmt: skip
+        self.n_iter_ = int(result.nit)
+        self.coef_ = result.x[: d * k].reshape(d, k).T.copy()
+        self.intercept_ = result.x[d * k :].copy()
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Signed distances: n_samples × n_classes, or for two classes the margin of ``classes_[1]``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        scores = X @ self.coef_.T.astype(X.dtype) + self.intercept_.astype(X.dtype)
+        return scores[:, 0] if scores.shape[1] == 1 else scores
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The class with the largest score for each sample."""
+        scores = self.decision_function(X)
+        index = (scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)
+        return self.classes_[index]
+
+
 @dataclass(frozen=True)
 class Family:
-    """A model family: how to build its pipeline and which parameters to search."""
+    """A model family: how to build its pipeline and which parameters to search.
+
+    ``calibrate`` families score classes with margins, not probabilities. They are
+    cross-validated as they are, and the pipeline that is saved wraps the classifier in
+    temperature scaling (one positive scale for all classes, learnt on held-out scores). It
+    cannot change which class scores highest, so the saved model predicts exactly what was
+    cross-validated and gains ``predict_proba``.
+    """
 
     name: str
     description: str
     build: Callable[[int], Pipeline]
     grid: dict[str, list]
+    calibrate: bool = False
+
+    def build_final(self, seed: int, params: dict[str, Any]) -> Pipeline:
+        """The pipeline to refit on all data and save: ``build`` with ``params``, calibrated if needed."""
+        pipe = self.build(seed).set_params(**params)
+        if self.calibrate:
+            name, clf = pipe.steps[-1]
+            calibrated = CalibratedClassifierCV(clf, method="temperature", cv=3, ensemble=False)
+            pipe.steps[-1] = (name, calibrated)
+        return pipe
 
 
 def _logreg(seed: int) -> Pipeline:
@@ -202,9 +302,7 @@ def _logreg(seed: int) -> Pipeline:
 
 
 def _linsvm(seed: int) -> Pipeline:
-    svc = LinearSVC(dual="auto", max_iter=2000, random_state=seed)
-    clf = CalibratedClassifierCV(svc, method="sigmoid", cv=3, ensemble=False)
-    return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+    return Pipeline([("scale", StandardScaler()), ("clf", LinearSVM())])
 
 
 def _softmax(seed: int) -> Pipeline:
@@ -215,7 +313,8 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("logreg", "multinomial logistic regression", _logreg, {"clf__C": [0.01, 0.1]}),
-        Family("linsvm", "linear SVM, sigmoid-calibrated", _linsvm, {"clf__estimator__C": [0.001, 0.01]}),
+        Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", _linsvm,
+               {"clf__C": [0.0001, 0.001]}, calibrate=True),
         Family("softmax", "softmax head (PyTorch, SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-2]}),
     )
-}
+}  # fmt: skip

@@ -3,7 +3,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import check_estimator
 
-from featcache.models import FAMILIES, SoftmaxClassifier
+from featcache.models import FAMILIES, LinearSVM, SoftmaxClassifier
 
 
 def test_softmax_passes_sklearn_estimator_checks():
@@ -48,6 +48,73 @@ def test_softmax_early_stopping_stops():
 def test_every_family_is_a_pipeline_with_scaling():
     for family in FAMILIES.values():
         pipe = family.build(0)
-        assert pipe.steps[0][0] == "scale" and hasattr(pipe, "predict_proba")
+        assert pipe.steps[0][0] == "scale"
         for key in family.grid:
             assert key in pipe.get_params()
+        assert hasattr(family.build_final(0, {}), "predict_proba")
+
+
+def _svm_objective(coef, intercept, X, y, C):
+    classes = np.unique(y)
+    signs = np.where(y[:, None] == classes, 1.0, -1.0)
+    slack = np.maximum(0, 1 - signs * (X @ coef.T + intercept))
+    return 0.5 * np.sum(coef**2) + C * np.sum(slack**2)
+
+
+def test_linear_svm_solves_the_linearsvc_problem():
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(4), 50)
+    X = rng.normal(size=(4, 30))[y] * 0.7 + rng.normal(size=(200, 30))
+    ours = LinearSVM(C=0.05, tol=1e-6, max_iter=5000).fit(X, y)
+    # liblinear penalises the intercept; a large intercept_scaling makes that penalty negligible
+    ref = LinearSVC(C=0.05, tol=1e-8, max_iter=100_000, intercept_scaling=100).fit(X, y)
+    ours_obj = _svm_objective(ours.coef_, ours.intercept_, X, y, 0.05)
+    ref_obj = _svm_objective(ref.coef_, ref.intercept_, X, y, 0.05)
+    assert ours_obj <= ref_obj * (1 + 1e-4)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, atol=2e-3)
+    assert (ours.predict(X) == ref.predict(X)).mean() >= 0.99
+
+
+def test_linear_svm_binary_and_float32():
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(-1, 1, (50, 8)), rng.normal(1, 1, (50, 8))]).astype(np.float32)
+    y = np.array(["neg"] * 50 + ["pos"] * 50)
+    svm = LinearSVM(C=1.0).fit(X, y)
+    scores = svm.decision_function(X)
+    assert scores.shape == (100,) and svm.coef_.shape == (1, 8)
+    np.testing.assert_array_equal(svm.predict(X), np.where(scores > 0, "pos", "neg"))
+    assert (svm.predict(X) == y).mean() > 0.9
+    with pytest.raises(ValueError, match="C must be a number > 0, got -1"):
+        LinearSVM(C=-1).fit(X, y)
+
+
+def test_linear_svm_passes_sklearn_estimator_checks():
+    check_estimator(LinearSVM())
+
+
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_calibration_keeps_the_cross_validated_predictions(n_classes):
+    # linsvm is cross-validated uncalibrated and saved with temperature scaling: the saved model
+    # must predict exactly what was scored, and give probabilities
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(n_classes), 40)
+    X = rng.normal(size=(n_classes, 20))[y] * 0.5 + rng.normal(size=(len(y), 20))
+    family = FAMILIES["linsvm"]
+    params = {"clf__C": 0.01}
+    raw = family.build(0).set_params(**params).fit(X, y)
+    final = family.build_final(0, params).fit(X, y)
+    X_new = rng.normal(size=(300, 20))
+    np.testing.assert_array_equal(final.predict(X_new), raw.predict(X_new))
+    proba = final.predict_proba(X_new)
+    np.testing.assert_allclose(proba.sum(1), 1)
+    np.testing.assert_array_equal(final.classes_[proba.argmax(1)], raw.predict(X_new))
+
+
+def test_cli_offers_every_family():
+    from featcache.cli import fit as fit_command
+    from featcache.fit import MODEL_CHOICES
+
+    option = next(p for p in fit_command.params if p.name == "model")
+    assert tuple(option.type.choices) == MODEL_CHOICES
