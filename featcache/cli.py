@@ -66,10 +66,6 @@ def backbones() -> None:
     click.echo("Any torchvision classification model name (e.g. resnet50) works too.")
 
 
-def _not_yet(command: str) -> None:
-    raise click.ClickException(f"'featcache {command}' is not implemented yet")
-
-
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option(
@@ -310,11 +306,42 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None
         click.echo(f"skipped {len(ev.skipped)} unreadable file(s)", err=True)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def predict(args: tuple[str, ...]) -> None:
-    """Classify image files and folders with a saved model (not implemented yet)."""
-    _not_yet("predict")
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to use.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
+@_batch_size_option("Images per forward pass.")
+@_device_option("Where the backbone runs; auto picks CUDA when available.")
+def predict(
+    paths: tuple[str, ...], model_path: str, top_k: int, as_json: bool, batch_size: int, device: str
+) -> None:
+    """Classify image files and folders (recursively) with a saved model.
+
+    One line per image: path, label, probability (and category when the label map has one).
+    An image that cannot be read gets an error line; the others are still predicted, and the
+    exit status is then 1.
+    """
+    import json
+
+    from featcache.predictor import Predictor
+
+    predictor = Predictor.load(model_path, device=device)
+    predictor.batch_size = batch_size
+    failed = 0
+    for p in predictor.predict_files(paths, top_k=top_k):
+        failed += p.error is not None
+        if as_json:
+            click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))
+        elif p.error is not None:
+            click.echo(f"error: {_printable(p.path)}: {p.error}", err=True)
+        else:
+            ranked = "  ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top_k)
+            category = f"  [{p.category}]" if p.category else ""
+            click.echo(f"{_printable(p.path)}\t{ranked}{category}")
+    if failed:
+        click.echo(f"{failed} input(s) could not be read", err=True)
+        sys.exit(1)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

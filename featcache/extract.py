@@ -12,9 +12,7 @@ import json
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import numpy as np
 from featcache.backbones import Backbone, BackboneIdentity, create_backbone
 from featcache.cache import DTYPES, FeatureCache, read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
-from featcache.errors import FeatcacheError, ImageError
-from featcache.images import load_pixels
+from featcache.errors import FeatcacheError
+from featcache.images import load_batches
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -176,34 +174,10 @@ def _embed(
     net: Backbone, dataset: Dataset, todo: list[ImageFile], batch_size: int, workers: int
 ) -> Iterator[tuple[dict[str, _Row], dict[str, str]]]:
     """Yield ``(rows, skipped)`` per batch; decoding of the next batches overlaps with the model."""
-    prep = net.preprocessing
-
-    def load(f: ImageFile) -> np.ndarray | str:
-        try:
-            return load_pixels(dataset.path(f.relpath), prep)
-        except ImageError as e:
-            return e.reason
-        except Exception as e:  # noqa: BLE001 - no single file may stop the run
-            return f"unexpected {type(e).__name__} while decoding: {e}"
-
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    if workers == 0:
-        for batch in batches:
-            yield _run_batch(net, batch, [load(f) for f in batch])
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featcache-decode") as pool:
-        queue: deque[tuple[list[ImageFile], list[Future]]] = deque()
-        feed = iter(batches)
-        for batch in feed:
-            queue.append((batch, [pool.submit(load, f) for f in batch]))
-            if len(queue) >= 2:
-                break
-        while queue:
-            batch, futures = queue.popleft()
-            nxt = next(feed, None)
-            if nxt is not None:
-                queue.append((nxt, [pool.submit(load, f) for f in nxt]))
-            yield _run_batch(net, batch, [fut.result() for fut in futures])
+    sources = [dataset.path(f.relpath) for f in todo]
+    loaded = load_batches(sources, net.preprocessing, batch_size, workers)
+    for start, pixels in zip(range(0, len(todo), batch_size), loaded, strict=True):
+        yield _run_batch(net, todo[start : start + batch_size], pixels)
 
 
 def _run_batch(

@@ -6,6 +6,9 @@ Extract and predict both call :func:`load_pixels`, so they cannot preprocess dif
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,6 +115,39 @@ def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
 def load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray:
     """Decode ``source`` and return the network-ready size×size×3 uint8 RGB array."""
     return resize(load_image(source), prep)
+
+
+def try_load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray | str:
+    """Like :func:`load_pixels`, but a source that cannot be decoded gives the reason as a string."""
+    try:
+        return load_pixels(source, prep)
+    except ImageError as e:
+        return e.reason
+    except Exception as e:  # noqa: BLE001 - no single file may stop a run
+        return f"unexpected {type(e).__name__} while decoding: {e}"
+
+
+def load_batches(
+    sources: Sequence[ImageSource], prep: Preprocessing, batch_size: int, workers: int = 2
+) -> Iterator[list[np.ndarray | str]]:
+    """Decode ``sources`` in batches, each item pixels or the reason it failed.
+
+    With ``workers`` > 0, decoding runs in threads two batches ahead of the consumer, so the
+    model and the decoder overlap.
+    """
+    batches = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
+    if workers == 0:
+        for batch in batches:
+            yield [try_load_pixels(s, prep) for s in batch]
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featcache-decode") as pool:
+        queue: deque = deque()
+        for batch in batches:
+            queue.append([pool.submit(try_load_pixels, s, prep) for s in batch])
+            if len(queue) > 2:
+                yield [f.result() for f in queue.popleft()]
+        while queue:
+            yield [f.result() for f in queue.popleft()]
 
 
 def normalize(batch: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Prediction latency: warm single-image calls, and a cold `featcache predict` next to `import torch`.
+
+A small model is fit on synthetic 500x375 JPEG photos (quality 90) for each backbone; then
+- warm: the median of many ``Predictor.predict(path)`` calls on one JPEG (bar: 20 ms);
+- cold: the wall time of ``featcache predict IMAGE`` in a fresh process, next to that of
+  ``python -c "import torch"`` measured in the same run, alternating (bar: import torch + 1.5 s).
+
+    python bench/predict.py [--calls 100] [--cold-runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featcache.extract import extract  # noqa: E402
+from featcache.fit import fit  # noqa: E402
+from featcache.predictor import Predictor  # noqa: E402
+
+BACKBONES = (("efficientnet_lite0", None), ("mobilenet_v2", "random"))
+
+
+def photos(root: Path, classes: int = 3, per_class: int = 8, size=(500, 375)) -> Path:
+    """Smooth colour fields with blocks, one hue per class, saved as JPEG quality 90."""
+    r = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a, b = r.uniform(0.5, 2, 2)
+            waves = [np.sin(a * xx * 6 + c), np.cos(b * yy * 6 - c), np.sin((xx + yy) * 3 + c * 2)]
+            base = np.stack(waves, -1)
+            img = ((base * 0.5 + 0.5) * 255).astype(np.uint8)
+            y0, x0 = r.integers(0, h - 80), r.integers(0, w - 80)
+            img[y0 : y0 + 80, x0 : x0 + 80] = r.integers(0, 255, 3)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def featcache_command() -> list[str]:
+    script = Path(sys.executable).with_name("featcache")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py")]
+
+
+def wall(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=100, help="warm calls per backbone")
+    parser.add_argument("--cold-runs", type=int, default=5, help="fresh processes per command")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-predict-"))
+    try:
+        data = photos(tmp / "data")
+        image = data / "class1" / "003.jpg"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        print(f"one {Image.open(image).size[0]}x{Image.open(image).size[1]} JPEG, "
+              f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")  # fmt: skip
+        print(f"{'backbone':24} {'warm median':>11} {'p90':>7}  {'cold predict':>12} {'import torch':>12} "
+              f"{'difference':>10}")  # fmt: skip
+        for name, weights in BACKBONES:
+            label = f"{name}:{weights}" if weights else name
+            model_dir = tmp / name
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache = extract(data, model_dir / "features.h5", backbone=name, weights=weights).output
+                model = fit(cache, model="logreg", cv=2, output=model_dir / "models").model_path
+                predictor = Predictor.load(model, device="cpu")
+            for _ in range(5):
+                predictor.predict(str(image))
+            times = []
+            for _ in range(args.calls):
+                start = time.perf_counter()
+                predictor.predict(str(image))
+                times.append(time.perf_counter() - start)
+            warm = 1000 * statistics.median(times)
+            p90 = 1000 * float(np.percentile(times, 90))
+            cold, torch_only = [], []
+            for _ in range(args.cold_runs):
+                torch_only.append(wall([sys.executable, "-c", "import torch"], tmp, env))
+                cmd = [*featcache_command(), "predict", str(image), "--model-path", str(model)]
+                cold.append(wall(cmd, model_dir, env))
+            c, t = statistics.median(cold), statistics.median(torch_only)
+            row = f"{label:24} {warm:8.1f} ms {p90:4.1f} ms  {c:10.2f} s {t:10.2f} s {c - t:+8.2f} s"
+            print(row, flush=True)
+        print("bars: warm <= 20 ms; cold <= import torch + 1.5 s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Classify new images with a saved model bundle and the backbone recorded in it.
+
+Pixels go through the same loader (:mod:`featcache.images`) and the same backbone identity as
+``extract``, so a predicted image gets exactly the features it would have in a cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from featcache.dataset import LabelMap, scan
+from featcache.errors import FeatcacheError
+from featcache.images import ImageSource, load_batches, load_pixels
+
+DEFAULT_MODEL = "models/best.joblib"
+
+
+@dataclass
+class Prediction:
+    """The result for one input: the best label with its probability and the top k, or an error."""
+
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    category: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON Lines record: ``path`` and ``error``, or ``label``, ``probability``, ``top_k``
+        and ``category`` when the label map has one."""
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        record: dict[str, Any] = {
+            "path": self.path,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [{"label": label, "probability": p} for label, p in self.top_k],
+        }
+        if self.category is not None:
+            record["category"] = self.category
+        return record
+
+
+def _is_single(images: Any) -> bool:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return True
+    return isinstance(images, np.ndarray) and images.ndim in (2, 3)
+
+
+class Predictor:
+    """A fitted model plus the backbone it was fit on, ready to classify images.
+
+    ``classes`` are the display names (from the label map) in the column order of
+    :meth:`predict_proba`; ``folders`` are the class folder names behind them.
+    """
+
+    def __init__(self, bundle: dict[str, Any], device: str = "auto", batch_size: int = 32, workers: int = 2):
+        from featcache.backbones import BackboneIdentity
+        from featcache.extract import backbone_for, resolve_device
+
+        self.bundle = bundle
+        self.identity = BackboneIdentity.from_dict(bundle["identity"])
+        self.pipeline = bundle["pipeline"]
+        self.folders: list[str] = list(bundle["classes"])
+        if [str(c) for c in self.pipeline.classes_] != self.folders:
+            raise FeatcacheError("the model bundle is inconsistent: its classes differ from its pipeline's")
+        self.label_map = LabelMap.from_dict(bundle.get("label_map", {}))
+        self.classes: list[str] = [self.label_map.display(f) for f in self.folders]
+        self.feature_dtype = np.dtype(bundle.get("feature_dtype", "float32"))
+        self.batch_size = batch_size
+        self.workers = workers
+        self.backbone = backbone_for(self.identity, device=resolve_device(device))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto") -> Predictor:
+        """Load a verified model bundle (see :func:`featcache.bundle.load_bundle`) and build its backbone."""
+        from featcache.bundle import load_bundle
+
+        return cls(load_bundle(path), device=device)
+
+    def embed(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """Backbone features of one image (D) or many (N×D), rounded like the cache the model saw."""
+        single = _is_single(images)
+        batch = [images] if single else list(images)
+        prep = self.identity.preprocessing
+        rows = []
+        for start in range(0, len(batch), self.batch_size):
+            pixels = np.stack([load_pixels(im, prep) for im in batch[start : start + self.batch_size]])
+            rows.append(self.backbone.embed(pixels))
+        feats = np.concatenate(rows) if rows else np.zeros((0, self.identity.feature_dim), np.float32)
+        feats = feats.astype(self.feature_dtype).astype(np.float32)
+        return feats[0] if single else feats
+
+    def predict_proba(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
+        """Class probabilities, columns in the order of ``classes``: a vector for one image, N×C for many."""
+        single = _is_single(images)
+        proba = self._proba(np.atleast_2d(self.embed(images)))
+        return proba[0] if single else proba
+
+    def predict(self, images: ImageSource | Sequence[ImageSource]) -> str | list[str]:
+        """The most probable class (display name) of one image, or a list for many."""
+        single = _is_single(images)
+        proba = np.atleast_2d(self.predict_proba(images))
+        names = [self.classes[i] for i in proba.argmax(axis=1)]
+        return names[0] if single else names
+
+    def predict_files(self, paths: Sequence[str | os.PathLike], top_k: int = 1) -> Iterator[Prediction]:
+        """Predict files and folders (recursively, in a stable order), one :class:`Prediction` per image.
+
+        A file that cannot be read yields a Prediction with ``error`` set; the others go on.
+        """
+        if top_k < 1:
+            raise FeatcacheError(f"top_k must be >= 1, got {top_k}")
+        inputs = _expand(paths)
+        results: list[Prediction | None] = [
+            None if error is None else Prediction(shown, error=error) for shown, _, error in inputs
+        ]
+        todo = [i for i, (_, _, error) in enumerate(inputs) if error is None]
+        prep = self.identity.preprocessing
+        batches = load_batches([inputs[i][1] for i in todo], prep, self.batch_size, self.workers)
+        done = 0
+        for start, loaded in zip(range(0, len(todo), self.batch_size), batches, strict=True):
+            indices = todo[start : start + self.batch_size]
+            good = [(i, px) for i, px in zip(indices, loaded, strict=True) if not isinstance(px, str)]
+            for i, px in zip(indices, loaded, strict=True):
+                if isinstance(px, str):
+                    results[i] = Prediction(inputs[i][0], error=px)
+            if good:
+                feats = self.backbone.embed(np.stack([px for _, px in good]))
+                proba = self._proba(feats.astype(self.feature_dtype).astype(np.float32))
+                for row, (i, _) in zip(proba, good, strict=True):
+                    results[i] = self._prediction(inputs[i][0], row, top_k)
+            while done < len(results) and results[done] is not None:
+                yield results[done]
+                done += 1
+        yield from results[done:]
+
+    def _proba(self, feats: np.ndarray) -> np.ndarray:
+        return np.asarray(self.pipeline.predict_proba(feats), dtype=np.float64)
+
+    def _prediction(self, path: str, proba: np.ndarray, top_k: int) -> Prediction:
+        order = np.argsort(-proba, kind="stable")[:top_k]
+        best = self.folders[order[0]]
+        return Prediction(
+            path=path,
+            label=self.classes[order[0]],
+            probability=float(proba[order[0]]),
+            top_k=[(self.classes[i], float(proba[i])) for i in order],
+            category=self.label_map.category(best),
+        )
+
+
+def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str, str | None]]:
+    """``(shown path, real path, error)`` for every file named or found under a named folder."""
+    out: list[tuple[str, str, str | None]] = []
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            dataset = scan(p)
+            for f in dataset.files:
+                out.append((os.path.join(p, f.relpath), str(dataset.path(f.relpath)), None))
+            for rel, reason in dataset.unreadable:
+                out.append((os.path.join(p, rel), os.path.join(p, rel), reason))
+        elif os.path.exists(p):
+            out.append((p, p, None))
+        else:
+            out.append((p, p, "no such file or folder"))
+    return out
+
+
+_LOADED: dict[tuple[str, int, int], Predictor] = {}
+
+
+def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -> str:
+    """The class display name of one image: the course platform's ``predict(image) -> str``.
+
+    ``image`` is a NumPy H×W×3 uint8 RGB array, a path or a PIL image. The model and its backbone
+    are loaded on the first call and reused while the model file is unchanged.
+    """
+    try:
+        st = os.stat(model_path)
+    except OSError as e:
+        reason = f"{model_path}: cannot read the model ({e.strerror})"
+        raise FeatcacheError(f"{reason}; run `featcache fit` first") from e
+    key = (str(Path(model_path).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = Predictor.load(model_path)
+    if not _is_single(image):
+        raise FeatcacheError("predict takes one image; use featcache.Predictor for many")
+    return _LOADED[key].predict(image)

@@ -1,0 +1,154 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import featcache
+from featcache.backbones.registry import BackboneIdentity
+from featcache.cache import read_cache
+from featcache.cli import cli
+from featcache.dataset import load_label_map
+from featcache.errors import FeatcacheError
+from featcache.extract import extract
+from featcache.fit import evaluate, fit
+from featcache.images import Preprocessing
+from featcache.predictor import Predictor
+from tests.conftest import make_dataset
+from tests.test_fit import synthetic_cache
+
+# one class of each garbage26 category, so the categories can be checked
+CLASSES = ("00_00", "01_04", "02_01", "03_03")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    data = make_dataset(tmp / "data", classes=CLASSES, per_class=6)
+    cache = tmp / "features.h5"
+    extract(data, cache, backbone="efficientnet_lite0", labels="garbage26", workers=0)
+    result = fit(cache, model="logreg", cv=3, output=tmp / "models")
+    return tmp, data, cache, result.model_path
+
+
+@pytest.fixture(scope="module")
+def predictor(trained):
+    return Predictor.load(trained[3])
+
+
+def test_predictor_features_equal_the_cache(trained, predictor):
+    _, data, cache, _ = trained
+    c = read_cache(cache)
+    paths = [str(data / p) for p in c.paths]
+    # as a batch, and one image at a time (another batch composition)
+    np.testing.assert_allclose(predictor.embed(paths), c.features, rtol=0, atol=1e-6)
+    for i in (0, 7, 23):
+        np.testing.assert_allclose(predictor.embed(paths[i]), c.features[i], rtol=0, atol=1e-6)
+    # a PIL image and an array of the same file give the same features as the path
+    arr = np.asarray(Image.open(paths[5]).convert("RGB"))
+    np.testing.assert_array_equal(predictor.embed(arr), predictor.embed(Image.open(paths[5])))
+    np.testing.assert_allclose(predictor.embed(arr), c.features[5], rtol=0, atol=1e-6)
+
+
+def test_predict_over_training_folder_agrees_with_evaluate(trained, predictor):
+    _, data, cache, model_path = trained
+    c = read_cache(cache)
+    ev = evaluate(cache, model_path)
+    by_path = {p.path: p for p in predictor.predict_files([data])}
+    assert all(p.error is None for p in by_path.values()) and len(by_path) == len(c)
+    truth = [c.label_map.display(c.classes[k]) for k in c.labels]
+    got = [by_path[str(data / p)].label for p in c.paths]
+    expected = [c.label_map.display(k) for k in predictor.pipeline.predict(c.features)]
+    assert got == expected
+    assert np.mean(np.array(got) == np.array(truth)) == pytest.approx(ev.accuracy)
+
+
+def test_classes_and_single_or_many(predictor, trained):
+    data = trained[1]
+    names = load_label_map("garbage26").names
+    assert predictor.classes == [names[c] for c in CLASSES]
+    one = str(data / "02_01" / "000.jpg")
+    assert isinstance(predictor.predict(one), str)
+    many = predictor.predict([one, one])
+    assert isinstance(many, list) and len(many) == 2
+    proba = predictor.predict_proba(one)
+    assert proba.shape == (len(CLASSES),) and proba.sum() == pytest.approx(1)
+    assert predictor.predict_proba([one, one]).shape == (2, len(CLASSES))
+
+
+def test_course_predict_function_returns_a_label_map_name(trained, monkeypatch):
+    tmp, data, _, model_path = trained
+    monkeypatch.chdir(tmp)  # the default model path is models/best.joblib
+    arr = np.asarray(Image.open(data / "03_03" / "001.jpg").convert("RGB"))
+    label = featcache.predict(arr)
+    assert type(label) is str and label in load_label_map("garbage26").names.values()
+    assert featcache.predict(arr) == label  # second call reuses the loaded model
+    with pytest.raises(FeatcacheError, match="cannot read the model"):
+        featcache.predict(arr, model_path=tmp / "nope.joblib")
+
+
+def test_categories_follow_the_preset(predictor, trained):
+    data = trained[1]
+    lm = load_label_map("garbage26")
+    category_of_name = {lm.display(f): lm.category(f) for f in lm.names}
+    predictions = list(predictor.predict_files([data]))
+    assert {p.category for p in predictions} <= {"recyclable", "dry", "hazardous", "wet"}
+    for p in predictions:
+        assert p.category == category_of_name[p.label]
+    right = [p for p in predictions if p.label == lm.display(p.path.split("/")[-2])]
+    assert right and all(p.category == lm.category(p.path.split("/")[-2]) for p in right)
+
+
+def test_top_k_sorted_and_at_most_one(predictor, trained):
+    for p in predictor.predict_files([trained[1]], top_k=3):
+        probs = [q for _, q in p.top_k]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert sum(probs) <= 1 + 1e-9 and p.top_k[0] == (p.label, p.probability)
+    full = next(predictor.predict_files([trained[1]], top_k=10))
+    assert len(full.top_k) == len(CLASSES) and sum(q for _, q in full.top_k) == pytest.approx(1)
+
+
+def test_cli_json_reports_bad_files_and_predicts_the_rest(trained, tmp_path):
+    _, data, _, model_path = trained
+    good = data / "00_00" / "000.jpg"
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:200])
+    args = ["predict", str(good), str(bad), str(tmp_path / "missing.png"), str(data / "01_04"),
+            "--model-path", str(model_path), "--json", "--top-k", "2"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 3 + 6
+    assert [d["path"] for d in lines[:3]] == [str(good), str(bad), str(tmp_path / "missing.png")]
+    ok = [d for d in lines if "error" not in d]
+    assert len(ok) == 7
+    for d in ok:
+        assert set(d) == {"path", "label", "probability", "top_k", "category"}
+        assert len(d["top_k"]) == 2
+        assert d["top_k"][0] == {"label": d["label"], "probability": d["probability"]}
+    errors = {d["path"]: d["error"] for d in lines if "error" in d}
+    assert set(errors) == {str(bad), str(tmp_path / "missing.png")}
+    assert "truncated" in errors[str(bad)] or "cannot" in errors[str(bad)]
+
+
+def test_cli_plain_output(trained):
+    _, data, _, model_path = trained
+    result = CliRunner().invoke(cli, ["predict", str(data / "02_01"), "--model-path", str(model_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6
+    path, rest = lines[0].split("\t")
+    assert path == str(data / "02_01" / "000.jpg")
+    assert rest.endswith("]") and "%" in rest
+
+
+def test_bundle_with_missing_weights_gives_the_extract_error(tmp_path):
+    sha = "b0353104" + "0" * 56
+    ident = BackboneIdentity("mobilenet_v2", "IMAGENET1K_V1", sha, Preprocessing(), "avg", 32)
+    cache = synthetic_cache(tmp_path / "f.h5", identity=ident)
+    model = fit(cache, model="logreg", cv=3, output=tmp_path / "m").model_path
+    with pytest.raises(FeatcacheError, match="mobilenet_v2 weights IMAGENET1K_V1 are not on this machine"):
+        Predictor.load(model)
+    result = CliRunner().invoke(cli, ["predict", "x.jpg", "--model-path", str(model)])
+    assert result.exit_code == 1
