@@ -188,8 +188,8 @@ def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -
     try:
         st = os.stat(model_path)
     except OSError as e:
-        reason = f"{model_path}: cannot read the model ({e.strerror})"
-        raise FeatcacheError(f"{reason}; run `featcache fit` first") from e
+        hint = "run 'featcache fit' first, or pass model_path"
+        raise FeatcacheError(f"{model_path}: no such model ({hint})") from e
     key = (str(Path(model_path).resolve()), st.st_mtime_ns, st.st_size)
     if key not in _LOADED:
         _LOADED.clear()

@@ -84,7 +84,7 @@ def test_course_predict_function_returns_a_label_map_name(trained, monkeypatch):
     label = featcache.predict(arr)
     assert type(label) is str and label in load_label_map("garbage26").names.values()
     assert featcache.predict(arr) == label  # second call reuses the loaded model
-    with pytest.raises(FeatcacheError, match="cannot read the model"):
+    with pytest.raises(FeatcacheError, match="no such model"):
         featcache.predict(arr, model_path=tmp / "nope.joblib")
 
 
