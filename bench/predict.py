@@ -75,7 +75,8 @@ def main() -> None:
         data = photos(tmp / "data")
         image = data / "class1" / "003.jpg"
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        print(f"one {Image.open(image).size[0]}x{Image.open(image).size[1]} JPEG, "
+        width, height = Image.open(image).size
+        print(f"one {width}x{height} JPEG, "
               f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")  # fmt: skip
         print(f"{'backbone':24} {'warm median':>11} {'p90':>7}  {'cold predict':>12} {'import torch':>12} "
               f"{'difference':>10}")  # fmt: skip

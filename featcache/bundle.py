@@ -18,8 +18,8 @@ from typing import Any
 import joblib
 
 from featcache import __version__
-from featcache.cache import _fsync_dir
 from featcache.errors import FeatcacheError
+from featcache.files import replaced_atomically
 
 FORMAT = "featcache-model"
 FORMAT_VERSION = 1
@@ -100,13 +100,5 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data)

@@ -19,6 +19,7 @@ from featcache import __version__
 from featcache.backbones.registry import BackboneIdentity
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
+from featcache.files import replaced_atomically
 
 FORMAT = "featcache-features"
 FORMAT_VERSION = 1
@@ -76,9 +77,8 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
     path = Path(path)
     if cache.dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {cache.dtype!r}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     str_dt = h5py.string_dtype()
-    try:
+    with replaced_atomically(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=cache.features.astype(cache.dtype, copy=False))
             f.create_dataset("labels", data=np.asarray(cache.labels, dtype=np.int32))
@@ -108,12 +108,6 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
                     "featcache_version": __version__,
                 }
             )
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def read_cache(path: str | os.PathLike) -> FeatureCache:
@@ -157,16 +151,3 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise FeatcacheError(f"{path}: not a readable featcache feature cache ({e})") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

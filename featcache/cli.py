@@ -326,8 +326,7 @@ def predict(
 
     from featcache.predictor import Predictor
 
-    predictor = Predictor.load(model_path, device=device)
-    predictor.batch_size = batch_size
+    predictor = Predictor.load(model_path, device=device, batch_size=batch_size)
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones import Backbone, BackboneIdentity, create_backbone
+from featcache.backbones import Backbone, BackboneIdentity, backbone_for, create_backbone, resolve_device
 from featcache.cache import DTYPES, FeatureCache, read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
 from featcache.errors import FeatcacheError
 from featcache.images import load_batches
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -49,19 +47,6 @@ class ExtractResult:
     identity: BackboneIdentity
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; errors for an unusable choice."""
-    import torch
-
-    if device not in DEVICES:
-        raise FeatcacheError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
-    return device
 
 
 def extract(
@@ -326,15 +311,3 @@ def embed_folder(
         skipped.update(batch_skipped)
     listing = sorted(skipped.items(), key=lambda s: os.fsencode(s[0]))
     return _assemble(dataset, identity, "float32", LabelMap(), {}, rows, listing)
-
-
-def backbone_for(identity: BackboneIdentity, device: str = "cpu") -> Backbone:
-    """Build the backbone an identity describes; refuse when the weights at hand are not the same."""
-    net = create_backbone(identity.backbone, identity.weights, pool=identity.pool, device=device)
-    differences = net.identity.differences(identity)
-    if differences:
-        raise FeatcacheError(
-            f"the {identity.backbone} backbone available here differs from the one recorded "
-            f"({'; '.join(differences)})"
-        )
-    return net

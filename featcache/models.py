@@ -23,6 +23,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 DECAYS = ("constant", "cosine", "square")
 
 
+def _validate(estimator: BaseEstimator, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise for the first ``(name, ok, allowed)`` that is not ok, naming the value and what is allowed."""
+    for name, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(estimator, name)!r}")
+
+
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     """A linear softmax head trained with SGD in PyTorch: the course's knobs as a scikit-learn estimator.
 
@@ -79,9 +86,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
             ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        _validate(self, checks)
 
     def _lr(self, epoch: int) -> float:
         t = epoch / self.epochs
@@ -214,9 +219,7 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             ("max_iter", isinstance(self.max_iter, int) and self.max_iter >= 1, "an integer >= 1"),
             ("tol", isinstance(self.tol, int | float) and self.tol > 0, "a number > 0"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        _validate(self, checks)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)

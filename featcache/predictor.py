@@ -63,8 +63,7 @@ class Predictor:
     """
 
     def __init__(self, bundle: dict[str, Any], device: str = "auto", batch_size: int = 32, workers: int = 2):
-        from featcache.backbones import BackboneIdentity
-        from featcache.extract import backbone_for, resolve_device
+        from featcache.backbones import BackboneIdentity, backbone_for, resolve_device
 
         self.bundle = bundle
         self.identity = BackboneIdentity.from_dict(bundle["identity"])
@@ -80,11 +79,21 @@ class Predictor:
         self.backbone = backbone_for(self.identity, device=resolve_device(device))
 
     @classmethod
-    def load(cls, path: str | os.PathLike = DEFAULT_MODEL, device: str = "auto") -> Predictor:
+    def load(
+        cls,
+        path: str | os.PathLike = DEFAULT_MODEL,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 2,
+    ) -> Predictor:
         """Load a verified model bundle (see :func:`featcache.bundle.load_bundle`) and build its backbone."""
         from featcache.bundle import load_bundle
 
-        return cls(load_bundle(path), device=device)
+        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers)
+
+    def _features(self, pixels: np.ndarray) -> np.ndarray:
+        # rounded through the cache dtype the model was fit on (float16 caches are mirrored)
+        return self.backbone.embed(pixels).astype(self.feature_dtype).astype(np.float32)
 
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """Backbone features of one image (D) or many (N×D), rounded like the cache the model saw."""
@@ -94,9 +103,8 @@ class Predictor:
         rows = []
         for start in range(0, len(batch), self.batch_size):
             pixels = np.stack([load_pixels(im, prep) for im in batch[start : start + self.batch_size]])
-            rows.append(self.backbone.embed(pixels))
+            rows.append(self._features(pixels))
         feats = np.concatenate(rows) if rows else np.zeros((0, self.identity.feature_dim), np.float32)
-        feats = feats.astype(self.feature_dtype).astype(np.float32)
         return feats[0] if single else feats
 
     def predict_proba(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
@@ -134,8 +142,7 @@ class Predictor:
                 if isinstance(px, str):
                     results[i] = Prediction(inputs[i][0], error=px)
             if good:
-                feats = self.backbone.embed(np.stack([px for _, px in good]))
-                proba = self._proba(feats.astype(self.feature_dtype).astype(np.float32))
+                proba = self._proba(self._features(np.stack([px for _, px in good])))
                 for row, (i, _) in zip(proba, good, strict=True):
                     results[i] = self._prediction(inputs[i][0], row, top_k)
             while done < len(results) and results[done] is not None:
@@ -176,7 +183,7 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str, str | No
     return out
 
 
-_LOADED: dict[tuple[str, int, int], Predictor] = {}
+_LOADED: dict[tuple[str, int | None, int | None], Predictor] = {}
 
 
 def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -> str:
@@ -185,15 +192,12 @@ def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -
     ``image`` is a NumPy H×W×3 uint8 RGB array, a path or a PIL image. The model and its backbone
     are loaded on the first call and reused while the model file is unchanged.
     """
-    try:
-        st = os.stat(model_path)
-    except OSError as e:
-        hint = "run 'featcache fit' first, or pass model_path"
-        raise FeatcacheError(f"{model_path}: no such model ({hint})") from e
-    key = (str(Path(model_path).resolve()), st.st_mtime_ns, st.st_size)
+    path = Path(model_path)
+    st = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), st and st.st_mtime_ns, st and st.st_size)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = Predictor.load(model_path)
+        _LOADED[key] = Predictor.load(path)  # a missing or damaged file raises load_bundle's error
     if not _is_single(image):
         raise FeatcacheError("predict takes one image; use featcache.Predictor for many")
     return _LOADED[key].predict(image)

@@ -12,10 +12,12 @@ from featcache.backbones.registry import (
     BackboneEntry,
     BackboneIdentity,
     WeightsSource,
+    backbone_for,
     create_backbone,
     get_entry,
     list_backbones,
     register,
+    resolve_device,
 )
 
 __all__ = [
@@ -26,8 +28,10 @@ __all__ = [
     "BackboneEntry",
     "BackboneIdentity",
     "WeightsSource",
+    "backbone_for",
     "create_backbone",
     "get_entry",
     "list_backbones",
     "register",
+    "resolve_device",
 ]

@@ -254,6 +254,32 @@ def _state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; errors for an unusable choice."""
+    if device not in DEVICES:
+        raise FeatcacheError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    return device
+
+
+def backbone_for(identity: BackboneIdentity, device: str = "cpu") -> Backbone:
+    """Build the backbone an identity describes; refuse when the weights at hand are not the same."""
+    net = create_backbone(identity.backbone, identity.weights, pool=identity.pool, device=device)
+    differences = net.identity.differences(identity)
+    if differences:
+        raise FeatcacheError(
+            f"the {identity.backbone} backbone available here differs from the one recorded "
+            f"({'; '.join(differences)})"
+        )
+    return net
+
+
 __all__ = [
     "POOLS",
     "RANDOM",
@@ -266,4 +292,6 @@ __all__ = [
     "list_backbones",
     "register",
     "register_fallback",
+    "backbone_for",
+    "resolve_device",
 ]
