@@ -6,6 +6,7 @@ scored on the official 10,000-image test set. Needs the Debian package dataset-f
 Image folders and caches stay in ``--workdir`` (git-ignored), so a rerun only refits.
 
     python bench/accuracy.py
+    python bench/accuracy.py --precision bf16     # the same with bf16 autocast extraction
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--cv", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction precision")
     args = parser.parse_args()
 
     work = args.workdir
@@ -37,17 +39,19 @@ def main() -> None:
     test_dir = write_folder(work / "test", "t10k", None)
     caches = {}
     for name, folder in (("train", train_dir), ("test", test_dir)):
-        caches[name] = work / f"{name}{args.per_class if name == 'train' else ''}-{args.backbone}.h5"
+        suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+        caches[name] = work / f"{name}{args.per_class if name == 'train' else ''}-{args.backbone}{suffix}.h5"
         start = time.perf_counter()
-        result = extract(folder, caches[name], backbone=args.backbone)
+        result = extract(folder, caches[name], backbone=args.backbone, precision=args.precision)
         print(f"extract {name}: {result.n_images} images ({result.n_computed} computed) "
               f"in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
 
-    print(f"\nFashion-MNIST, {args.backbone}, {args.per_class} training images per class, "
+    print(f"\nFashion-MNIST, {args.backbone} ({args.precision}), {args.per_class} training images per class, "
           f"{args.cv}-fold CV; test set of 10,000")  # fmt: skip
     print(f"{'family':8}  {'best params':28}  {'CV acc':>13}  {'test acc':>8}  {'test F1':>7}  {'fit s':>6}")
     for family in FAMILIES:
-        fitted = fit(caches["train"], model=family, cv=args.cv, output=work / "models" / family)
+        models = work / "models" / args.precision / family
+        fitted = fit(caches["train"], model=family, cv=args.cv, output=models)
         r = fitted.report["families"][family]
         scores = evaluate(caches["test"], fitted.model_path)
         params = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in r["best_params"].items())

@@ -2,11 +2,13 @@
 
 Naive pipeline (the spec's baseline): torchvision ImageFolder + DataLoader(num_workers=2, batch 32)
 + the unmodified model + mean pooling of the last feature map. Each measurement runs in its own
-process so that peak memory is its own. Prints images/s, the ratio, peak RSS, and the lowest
-per-image cosine similarity between the two pipelines' features (real weights only).
+process so that peak memory is its own. Prints, per image set, backbone and precision, images/s,
+the ratio, peak RSS, and the lowest per-image cosine similarity between the two pipelines'
+features (real weights only). ``--memory`` then compares extract's peak RSS over two sizes.
 
-    python bench/extract.py                       # both image sets, both backbones
+    python bench/extract.py                       # both image sets, both backbones, fp32 and bf16
     python bench/extract.py --png 200 --jpeg 100  # a quicker run
+    python bench/extract.py --png 0 --jpeg 0 --memory 1000,5000
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def run_naive(data: Path, backbone: str, weights: str | None, out: Path) -> dict
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = create_backbone(backbone, weights)  # only for its unmodified model and preprocessing
+        # only for its unmodified model and preprocessing
+        net = create_backbone(backbone, weights, optimize=False)
     model, entry, prep = net.model, net.entry, net.preprocessing
     tf = transforms.Compose(
         [
@@ -130,6 +133,12 @@ def main() -> None:
         default="mobilenet_v2:random,efficientnet_lite0",
         help="comma-separated NAME[:WEIGHTS]; mobilenet_v2 runs with random weights offline",
     )
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated featcache precisions")
+    ap.add_argument(
+        "--memory",
+        default="",
+        help="N1,N2: peak RSS of featcache extract (mobilenet_v2:random, PNGs) over N1 and N2 images",
+    )
     ap.add_argument("--workdir", default=str(HERE / "out"), help="where the image sets are written")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("--data", "--backbone", "--weights", "--out", "--extra"):
@@ -151,31 +160,46 @@ def main() -> None:
         sets.append(
             ("jpeg-500x375", fashion.write_folder(folder, "train", args.jpeg // 10, (500, 375), "JPEG"))
         )
-    print(
-        f"{'images':14} {'backbone':20} {'n':>5} {'naive img/s':>12} {'featcache img/s':>16} {'ratio':>6} "
-        f"{'naive MB':>9} {'fc MB':>7} {'min cos':>8}"
-    )
+    if sets:
+        print(
+            f"{'images':14} {'backbone':20} {'prec':4} {'n':>5} {'naive img/s':>12} {'featcache img/s':>16} "
+            f"{'ratio':>6} {'naive MB':>9} {'fc MB':>7} {'min cos':>8}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for set_name, folder in sets:
             for spec in args.backbones.split(","):
                 name, _, weights = spec.partition(":")
                 naive = measure("naive", folder, name, weights or None, Path(tmp) / "naive.npy")
-                fc = measure("featcache", folder, name, weights or None, Path(tmp) / "fc.npy")
-                cos = min_cosine(
-                    np.load(Path(tmp) / "fc.npy"),
-                    fc["paths"],
-                    np.load(Path(tmp) / "naive.npy"),
-                    naive["paths"],
-                )
-                n_rate, f_rate = naive["images"] / naive["seconds"], fc["images"] / fc["seconds"]
+                n_rate = naive["images"] / naive["seconds"]
                 label = f"{name}{':' + weights if weights else ''}"
-                # untrained MobileNetV2 features are ~1e-9 in size: their cosine says nothing
-                cos_text = "n/a" if weights == "random" else f"{cos:.5f}"
-                print(
-                    f"{set_name:14} {label:20} {fc['images']:5d} {n_rate:12.1f} {f_rate:16.1f} "
-                    f"{f_rate / n_rate:5.2f}x {naive['peak_mb']:9.0f} {fc['peak_mb']:7.0f} {cos_text:>8}",
-                    flush=True,
-                )
+                for precision in args.precisions.split(","):
+                    extra = {"precision": precision}
+                    fc = measure("featcache", folder, name, weights or None, Path(tmp) / "fc.npy", extra)
+                    cos = min_cosine(
+                        np.load(Path(tmp) / "fc.npy"),
+                        fc["paths"],
+                        np.load(Path(tmp) / "naive.npy"),
+                        naive["paths"],
+                    )
+                    f_rate = fc["images"] / fc["seconds"]
+                    # untrained MobileNetV2 features are ~1e-9 in size: their cosine says nothing
+                    cos_text = "n/a" if weights == "random" else f"{cos:.5f}"
+                    print(
+                        f"{set_name:14} {label:20} {precision:4} {fc['images']:5d} {n_rate:12.1f} "
+                        f"{f_rate:16.1f} {f_rate / n_rate:5.2f}x {naive['peak_mb']:9.0f} "
+                        f"{fc['peak_mb']:7.0f} {cos_text:>8}",
+                        flush=True,
+                    )
+        if args.memory:
+            sizes = [int(n) for n in args.memory.split(",")]
+            peaks = []
+            for n in sizes:
+                folder = fashion.write_folder(work / f"fmnist_png_{n}", "train", n // 10)
+                res = measure("featcache", folder, "mobilenet_v2", "random", Path(tmp) / "fc.npy")
+                peaks.append(res["peak_mb"])
+                shown = f"memory: extract of {res['images']} PNGs, peak RSS {res['peak_mb']:.0f} MB"
+                print(shown, flush=True)
+            print(f"memory: peak RSS difference {peaks[-1] - peaks[0]:+.0f} MB (bar: < 150 MB)")
 
 
 if __name__ == "__main__":

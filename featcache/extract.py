@@ -56,6 +56,7 @@ def extract(
     weights: str | None = None,
     pool: str = "avg",
     dtype: str = "float32",
+    precision: str = "fp32",
     labels: str | os.PathLike | None = None,
     batch_size: int = 32,
     workers: int = 2,
@@ -68,6 +69,7 @@ def extract(
     An existing cache made with the same backbone identity and dtype is updated incrementally
     (unchanged files are reused, new and modified files computed, deleted files dropped); one
     made differently is an error unless ``overwrite``. Unreadable files are skipped and listed.
+    ``precision`` is the backbone's arithmetic: ``fp32`` or ``bf16`` autocast.
     """
     start = time.monotonic()
     if dtype not in DTYPES:
@@ -77,7 +79,9 @@ def extract(
     output = Path(output)
     dataset = scan(data_dir)
     label_map = load_label_map(labels) if labels is not None else None
-    net = create_backbone(backbone, weights, pool=pool, device=resolve_device(device), progress=True)
+    net = create_backbone(
+        backbone, weights, pool=pool, device=resolve_device(device), progress=True, precision=precision
+    )
     identity = net.identity
 
     previous = None if overwrite else _previous_cache(output, identity, dtype)

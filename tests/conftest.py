@@ -6,6 +6,12 @@ import pytest
 os.environ.setdefault("FEATCACHE_OFFLINE", "1")  # tests never reach the network
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_trace_cache(tmp_path_factory):
+    """Traced backbones go to a folder of this test session, never to the user's cache."""
+    os.environ["FEATCACHE_CACHE_DIR"] = str(tmp_path_factory.mktemp("featcache-cache"))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -170,3 +170,16 @@ def test_cli_lists_commands(argv):
     out = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("extract", "info", "fit", "evaluate", "predict"):
         assert f"  {command} " in out
+
+
+def test_mobilenet_weights_addresses_are_torchvisions():
+    entry = get_entry("mobilenet_v2")
+    for w in (MobileNet_V2_Weights.IMAGENET1K_V1, MobileNet_V2_Weights.IMAGENET1K_V2):
+        source = entry.weights_source(w.name)
+        assert source.url == w.url and source.filename == w.url.rsplit("/", 1)[-1]
+
+
+def test_importing_featcache_backbones_does_not_import_torchvision():
+    code = "import sys, featcache.backbones, featcache.predictor; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -7,6 +7,7 @@ from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  #
 from featcache.backbones.registry import (
     DEFAULT_BACKBONE,
     POOLS,
+    PRECISIONS,
     RANDOM,
     Backbone,
     BackboneEntry,
@@ -23,6 +24,7 @@ from featcache.backbones.registry import (
 __all__ = [
     "DEFAULT_BACKBONE",
     "POOLS",
+    "PRECISIONS",
     "RANDOM",
     "Backbone",
     "BackboneEntry",

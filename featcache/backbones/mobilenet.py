@@ -1,13 +1,25 @@
-"""torchvision's MobileNetV2: the default backbone (the course's network)."""
+"""torchvision's MobileNetV2: the default backbone (the course's network).
 
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+torchvision is imported only when the network is built, so that importing featcache stays cheap;
+the weights addresses are torchvision's (a test checks that they still agree).
+"""
+
+from torch import nn
 
 from featcache.backbones.registry import BackboneEntry, WeightsSource, register
 from featcache.images import Preprocessing
 
+_HUB = "https://download.pytorch.org/models/"
 
-def _source(w: MobileNet_V2_Weights, description: str) -> WeightsSource:
-    return WeightsSource(w.name, w.url.rsplit("/", 1)[-1], w.url, description=description)
+
+def _source(name: str, filename: str, description: str) -> WeightsSource:
+    return WeightsSource(name, filename, _HUB + filename, description=description)
+
+
+def _build() -> nn.Module:
+    from torchvision.models import mobilenet_v2
+
+    return mobilenet_v2(weights=None)
 
 
 register(
@@ -17,10 +29,10 @@ register(
         feature_dim=1280,
         preprocessing=Preprocessing(size=224, resize="stretch", interpolation="bilinear"),
         weights=(
-            _source(MobileNet_V2_Weights.IMAGENET1K_V1, "ImageNet 71.9% top-1, the classic recipe"),
-            _source(MobileNet_V2_Weights.IMAGENET1K_V2, "ImageNet 72.2% top-1, the newer recipe"),
+            _source("IMAGENET1K_V1", "mobilenet_v2-b0353104.pth", "ImageNet 71.9% top-1, the classic recipe"),
+            _source("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0.pth", "ImageNet 72.2% top-1, the newer recipe"),
         ),
-        build=lambda: mobilenet_v2(weights=None),
+        build=_build,
         features=lambda model, x: model.features(x),
         head=lambda model: model.classifier,
     )

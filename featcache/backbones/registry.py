@@ -16,6 +16,7 @@ from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.images import Preprocessing, normalize
 
 POOLS = ("avg", "max", "avgmax")
+PRECISIONS = ("fp32", "bf16")
 DEFAULT_BACKBONE = "mobilenet_v2"
 RANDOM = "random"
 
@@ -71,7 +72,8 @@ class BackboneIdentity:
     """What produced a set of features: compared, never rebuilt by hand.
 
     ``weights`` is a weights name (``IMAGENET1K_V1``), ``random``, or the absolute path of an
-    explicit weights file; ``weights_sha256`` identifies the tensors themselves.
+    explicit weights file; ``weights_sha256`` identifies the tensors themselves. ``precision`` is
+    the arithmetic of the forward pass (``fp32``, or ``bf16`` autocast).
     """
 
     backbone: str
@@ -80,6 +82,7 @@ class BackboneIdentity:
     preprocessing: Preprocessing
     pool: str
     feature_dim: int
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class BackboneIdentity:
             "preprocessing": self.preprocessing.to_dict(),
             "pool": self.pool,
             "feature_dim": self.feature_dim,
+            "precision": self.precision,
         }
 
     @classmethod
@@ -100,12 +104,13 @@ class BackboneIdentity:
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
             pool=d["pool"],
             feature_dim=int(d["feature_dim"]),
+            precision=d.get("precision", "fp32"),
         )
 
     def differences(self, other: BackboneIdentity) -> list[str]:
         """What differs from ``other``, in words (empty when the features are interchangeable)."""
         out = []
-        for key in ("backbone", "weights_sha256", "preprocessing", "pool", "feature_dim"):
+        for key in ("backbone", "weights_sha256", "preprocessing", "pool", "feature_dim", "precision"):
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine != theirs:
                 if key == "weights_sha256":
@@ -115,13 +120,28 @@ class BackboneIdentity:
 
 
 class Backbone(nn.Module):
-    """A frozen network that maps images to pooled embeddings, with the identity that describes it."""
+    """A frozen network that maps images to pooled embeddings, with the identity that describes it.
 
-    def __init__(self, entry: BackboneEntry, model: nn.Module, identity: BackboneIdentity):
+    With ``optimize`` (the default) BatchNorms are folded into their convolutions and the model
+    runs in ``channels_last`` layout: the same function, faster, equal up to float rounding.
+    """
+
+    def __init__(
+        self, entry: BackboneEntry, model: nn.Module, identity: BackboneIdentity, optimize: bool = True
+    ):
         super().__init__()
+        if identity.precision not in PRECISIONS:
+            raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {identity.precision!r}")
         self.entry = entry
         self.model = model.eval().requires_grad_(False)
         self.identity = identity
+        self.optimized = optimize
+        self.folded = 0
+        if optimize:
+            from featcache.backbones.fold import fold_batchnorm
+
+            self.folded = fold_batchnorm(self.model, entry.features)
+            self.model.to(memory_format=torch.channels_last)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -135,9 +155,18 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised N×3×H×W batch → the backbone's float32 output, in the identity's precision."""
+        if self.optimized:
+            x = x.contiguous(memory_format=torch.channels_last)
+        bf16 = self.identity.precision == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            maps = self.entry.features(self.model, x)
+        return maps.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised N×3×H×W batch → N×D pooled embeddings."""
-        maps = self.entry.features(self.model, x)
+        maps = self.feature_maps(x)
         if maps.ndim == 2:
             return maps
         if self.identity.pool == "avg":
@@ -156,7 +185,7 @@ class Backbone(nn.Module):
     def imagenet_logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """ImageNet class logits for N×H×W×3 uint8 pixels (a check that weights and preprocessing fit)."""
         x = normalize(pixels, self.preprocessing).to(self.device)
-        maps = self.entry.features(self.model, x)
+        maps = self.feature_maps(x)
         pooled = maps if maps.ndim == 2 else maps.mean(dim=(2, 3))
         return self.entry.head(self.model)(pooled)
 
@@ -204,18 +233,23 @@ def create_backbone(
     device: str | torch.device = "cpu",
     download: bool = True,
     progress: bool = False,
+    precision: str = "fp32",
+    optimize: bool = True,
 ) -> Backbone:
     """Build backbone ``name`` with ``weights`` (a weights name, a file path or ``"random"``).
 
     Weights are found as an explicit path, then in the torch hub cache, then downloaded with
     their hash checked (unless ``download`` is false or ``FEATCACHE_OFFLINE=1``).
-    ``"random"`` gives untrained weights (for plumbing tests) and warns.
+    ``"random"`` gives untrained weights (for plumbing tests) and warns. ``precision`` is
+    ``fp32`` or ``bf16`` (autocast); ``optimize=False`` keeps the model exactly as built.
     """
     from featcache.backbones.weights import file_sha256, resolve_weights
 
     entry = get_entry(name)
     if pool not in entry.pools:
         raise FeatcacheError(f"pool {pool!r} is not available for {name}: choose one of {entry.pools}")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     weights = weights or entry.default_weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -240,8 +274,8 @@ def create_backbone(
             first = str(e).strip().splitlines()[0]
             raise FeatcacheError(f"weights file {path} does not fit backbone {name}: {first}") from None
     dim = entry.feature_dim * (2 if pool == "avgmax" else 1)
-    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, dim)
-    return Backbone(entry, model, identity).to(device)
+    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, dim, precision)
+    return Backbone(entry, model, identity, optimize=optimize).to(device)
 
 
 def _state_sha256(model: nn.Module) -> str:
@@ -268,20 +302,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def backbone_for(identity: BackboneIdentity, device: str = "cpu") -> Backbone:
-    """Build the backbone an identity describes; refuse when the weights at hand are not the same."""
-    net = create_backbone(identity.backbone, identity.weights, pool=identity.pool, device=device)
+def backbone_for(identity: BackboneIdentity, device: str = "cpu", traced: bool = True) -> Backbone:
+    """Build the backbone an identity describes; refuse when the weights at hand are not the same.
+
+    With ``traced``, a trace saved by an earlier call (see :mod:`featcache.backbones.traced`) is
+    loaded instead of building the network, and a new one is saved after building it.
+    """
+    from featcache.backbones import traced as tr
+
+    if traced and (ready := tr.load_traced(identity, device)) is not None:
+        return ready  # type: ignore[return-value]  # the same embed() and identity
+    net = create_backbone(
+        identity.backbone, identity.weights, pool=identity.pool, device=device, precision=identity.precision
+    )
     differences = net.identity.differences(identity)
     if differences:
         raise FeatcacheError(
             f"the {identity.backbone} backbone available here differs from the one recorded "
             f"({'; '.join(differences)})"
         )
+    if traced:
+        tr.save_traced(net)
     return net
 
 
 __all__ = [
     "POOLS",
+    "PRECISIONS",
     "RANDOM",
     "Backbone",
     "BackboneEntry",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-import torchvision
 from torch import nn
 
 from featcache.backbones.registry import BackboneEntry, WeightsSource, register_fallback
@@ -36,6 +35,8 @@ def _pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @cache
 def torchvision_entry(name: str) -> BackboneEntry | None:
     """A registry entry for torchvision classification model ``name``, or None if there is none."""
+    import torchvision
+
     if name not in torchvision.models.list_models(module=torchvision.models):
         return None
     enum = torchvision.models.get_model_weights(name)

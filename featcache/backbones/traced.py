@@ -1,0 +1,101 @@
+"""Traced backbones kept on disk, so that a new process can skip building the network.
+
+Building a backbone imports torchvision or timm, constructs the network and loads its weights
+(seconds, the bulk of a cold ``featcache predict``); loading a TorchScript trace of the optimised
+network needs torch alone. Traces are kept in :func:`cache_dir`, one file per backbone identity,
+torch version and device type, written whole or not at all. A trace is saved only after it has
+reproduced the network's output exactly, on a batch size other than the one it was traced with.
+bf16 backbones are not traced: autocast inside TorchScript does not round like eager autocast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache import __version__
+from featcache.backbones.registry import Backbone, BackboneIdentity
+from featcache.files import replaced_atomically
+from featcache.images import Preprocessing, normalize
+
+
+def cache_dir() -> Path:
+    """``$FEATCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/featcache``, else ``~/.cache/featcache``."""
+    if os.environ.get("FEATCACHE_CACHE_DIR"):
+        return Path(os.environ["FEATCACHE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "featcache"
+
+
+def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
+    """Where the trace of the backbone ``identity`` describes, on ``device``, is kept."""
+    key = json.dumps(
+        [identity.to_dict(), torch.__version__, __version__, torch.device(device).type], sort_keys=True
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return cache_dir() / "traced" / f"{identity.backbone}-{digest}.pt"
+
+
+class TracedBackbone:
+    """A backbone loaded from its trace: the same :meth:`embed` and identity as the one traced."""
+
+    def __init__(self, module: torch.jit.ScriptModule, identity: BackboneIdentity, device: torch.device):
+        self.module = module
+        self.identity = identity
+        self.device = device
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.identity.preprocessing
+
+    @property
+    def feature_dim(self) -> int:
+        return self.identity.feature_dim
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """N×H×W×3 uint8 pixels → N×D float32 embeddings."""
+        x = normalize(pixels, self.preprocessing).to(self.device)
+        return self.module(x).float().cpu().numpy()
+
+
+def load_traced(identity: BackboneIdentity, device: str | torch.device) -> TracedBackbone | None:
+    """The saved trace of ``identity`` on ``device``, or None when there is none (or it is unreadable)."""
+    path = trace_path(identity, device)
+    if identity.precision != "fp32" or not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception:  # noqa: BLE001 - a damaged trace is rebuilt, never fatal
+        return None
+    return TracedBackbone(module.eval(), identity, torch.device(device))
+
+
+def save_traced(net: Backbone) -> Path | None:
+    """Trace ``net``, check the trace against it, and save it; None when it cannot be traced exactly."""
+    if net.identity.precision != "fp32":
+        return None
+    size = net.preprocessing.size
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, 3, size, size, generator=generator).to(net.device)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            module = torch.jit.trace(net, probe[:1], check_trace=False)
+            if not torch.equal(module(probe), net(probe)):
+                return None
+            path = trace_path(net.identity, net.device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replaced_atomically(path) as tmp:
+                torch.jit.save(module, str(tmp))
+    except Exception:  # noqa: BLE001 - tracing is an optimisation: the eager backbone still works
+        return None
+    return path
