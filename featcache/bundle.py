@@ -4,6 +4,9 @@ joblib (pickle) files run code when they are loaded, so :func:`load_bundle` chec
 size and SHA-256 against the manifest beside it *before* unpickling, and refuses a file that is
 truncated, modified, or has no manifest. Replacing a bundle never leaves a state in which
 neither the old nor the new model loads.
+
+The pipeline is pickled inside the bundle as bytes of its own, so a reader that needs only the
+plain parts (the identity, the classes, the linear head) does not import scikit-learn.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
 
 FORMAT = "featcache-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -35,6 +38,11 @@ def save_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> str:
     """Write ``bundle`` to ``path`` with its manifest; return the file's SHA-256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    bundle = dict(bundle)
+    if "pipeline" in bundle:
+        inner = io.BytesIO()
+        joblib.dump(bundle.pop("pipeline"), inner)
+        bundle["pipeline_pickle"] = inner.getvalue()
     buf = io.BytesIO()
     joblib.dump({"format": FORMAT, "format_version": FORMAT_VERSION, **bundle}, buf, compress=3)
     data = buf.getvalue()
@@ -48,8 +56,11 @@ def save_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> str:
     return digest
 
 
-def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
-    """Check ``path`` against its manifest, then unpickle it; a clear error for anything else."""
+def load_bundle(path: str | os.PathLike, pipeline: bool = True) -> dict[str, Any]:
+    """Check ``path`` against its manifest, then unpickle it; a clear error for anything else.
+
+    With ``pipeline`` false, the scikit-learn pipeline stays pickled (see :func:`bundle_pipeline`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FeatcacheError(f"{path}: no such model (run 'featcache fit' first, or pass --model-path)")
@@ -78,7 +89,21 @@ def load_bundle(path: str | os.PathLike) -> dict[str, Any]:
         raise FeatcacheError(
             f"{path}: made by a newer featcache ({bundle.get('featcache_version')}); upgrade"
         )
+    if pipeline and "pipeline_pickle" in bundle:
+        bundle["pipeline"] = bundle_pipeline(bundle)
     return bundle
+
+
+def bundle_pipeline(bundle: dict[str, Any]) -> Any:
+    """The fitted scikit-learn pipeline of a bundle from :func:`load_bundle` (unpickled on first use)."""
+    if "pipeline" not in bundle:
+        if "pipeline_pickle" not in bundle:
+            raise FeatcacheError("the model bundle holds no pipeline")
+        try:
+            bundle["pipeline"] = joblib.load(io.BytesIO(bundle["pipeline_pickle"]))
+        except Exception as e:  # noqa: BLE001 - the file was verified, so this is a version mismatch
+            raise FeatcacheError(f"the model's pipeline cannot be loaded ({type(e).__name__}: {e})") from None
+    return bundle["pipeline"]
 
 
 def _manifest(path: Path, digest: str, size: int, previous: str | None) -> bytes:

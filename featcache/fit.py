@@ -19,7 +19,7 @@ from featcache.bundle import load_bundle, save_bundle
 from featcache.cache import FeatureCache, read_cache
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
-from featcache.models import FAMILIES
+from featcache.models import FAMILIES, linear_head
 
 MODEL_CHOICES = (*FAMILIES, "all")
 
@@ -125,8 +125,10 @@ def fit(
     }
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    head = linear_head(final, X)
     bundle = {
         "pipeline": final,
+        "head": head.to_dict() if head is not None else None,
         "family": chosen,
         "classes": classes.tolist(),
         "label_map": cache.label_map.to_dict(),

@@ -20,6 +20,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featcache.head import LinearHead
+
 DECAYS = ("constant", "cosine", "square")
 
 
@@ -321,3 +323,33 @@ FAMILIES: dict[str, Family] = {
         Family("softmax", "softmax head (PyTorch, SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-2]}),
     )
 }  # fmt: skip
+
+
+def linear_head(pipeline: Pipeline, X: np.ndarray, atol: float = 1e-5) -> LinearHead | None:
+    """The :class:`LinearHead` of a fitted scaler + linear classifier pipeline (temperature-calibrated
+    or not), when its probabilities on ``X`` equal the pipeline's within ``atol``; else None."""
+    if len(pipeline.steps) != 2 or not isinstance(pipeline.steps[0][1], StandardScaler):
+        return None
+    scaler, clf = pipeline.steps[0][1], pipeline.steps[1][1]
+    beta, calibrated = 1.0, isinstance(clf, CalibratedClassifierCV)
+    if calibrated:
+        if clf.method != "temperature" or len(clf.calibrated_classifiers_) != 1:
+            return None
+        inner = clf.calibrated_classifiers_[0]
+        beta, clf = float(inner.calibrators[0].beta_), inner.estimator
+    if not isinstance(clf, (LogisticRegression, LinearSVM, SoftmaxClassifier)):
+        return None
+    coef, intercept = np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64)
+    if coef.shape[0] == 1:  # two classes, one margin m: logits (-m, m) when calibrated, else (0, m)
+        coef = np.vstack([-coef if calibrated else np.zeros_like(coef), coef])
+        intercept = np.concatenate([-intercept if calibrated else np.zeros(1), intercept])
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(coef.shape[1])
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(coef.shape[1])
+    coef = coef / scale
+    head = LinearHead(coef, intercept - coef @ mean, beta)
+    expected = pipeline.predict_proba(X)
+    if head.n_classes != expected.shape[1]:
+        return None
+    if not np.allclose(head.predict_proba(X), expected, rtol=0, atol=atol):
+        return None
+    return head

@@ -17,6 +17,7 @@ from PIL import Image
 
 from featcache.dataset import LabelMap, scan
 from featcache.errors import FeatcacheError
+from featcache.head import LinearHead
 from featcache.images import ImageSource, load_batches, load_pixels
 
 DEFAULT_MODEL = "models/best.joblib"
@@ -67,10 +68,12 @@ class Predictor:
 
         self.bundle = bundle
         self.identity = BackboneIdentity.from_dict(bundle["identity"])
-        self.pipeline = bundle["pipeline"]
         self.folders: list[str] = list(bundle["classes"])
-        if [str(c) for c in self.pipeline.classes_] != self.folders:
+        self.head = LinearHead.from_dict(bundle["head"]) if bundle.get("head") else None
+        if self.head is None and [str(c) for c in self.pipeline.classes_] != self.folders:
             raise FeatcacheError("the model bundle is inconsistent: its classes differ from its pipeline's")
+        if self.head is not None and self.head.n_classes != len(self.folders):
+            raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
         self.label_map = LabelMap.from_dict(bundle.get("label_map", {}))
         self.classes: list[str] = [self.label_map.display(f) for f in self.folders]
         self.feature_dtype = np.dtype(bundle.get("feature_dtype", "float32"))
@@ -89,7 +92,16 @@ class Predictor:
         """Load a verified model bundle (see :func:`featcache.bundle.load_bundle`) and build its backbone."""
         from featcache.bundle import load_bundle
 
-        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers)
+        bundle = load_bundle(path, pipeline=False)
+        return cls(bundle, device=device, batch_size=batch_size, workers=workers)
+
+    @property
+    def pipeline(self) -> Any:
+        """The fitted scikit-learn pipeline (loaded on first use; predicting uses the linear head when
+        the bundle has one, which gives the same probabilities)."""
+        from featcache.bundle import bundle_pipeline
+
+        return bundle_pipeline(self.bundle)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         # rounded through the cache dtype the model was fit on (float16 caches are mirrored)
@@ -151,6 +163,8 @@ class Predictor:
         yield from results[done:]
 
     def _proba(self, feats: np.ndarray) -> np.ndarray:
+        if self.head is not None:
+            return self.head.predict_proba(feats)
         return np.asarray(self.pipeline.predict_proba(feats), dtype=np.float64)
 
     def _prediction(self, path: str, proba: np.ndarray, top_k: int) -> Prediction:

@@ -3,7 +3,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import check_estimator
 
-from featcache.models import FAMILIES, LinearSVM, SoftmaxClassifier
+from featcache.head import LinearHead
+from featcache.models import FAMILIES, LinearSVM, SoftmaxClassifier, linear_head
 
 
 def test_softmax_passes_sklearn_estimator_checks():
@@ -118,3 +119,40 @@ def test_cli_offers_every_family():
 
     option = next(p for p in fit_command.params if p.name == "model")
     assert tuple(option.type.choices) == MODEL_CHOICES
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_linear_head_gives_the_pipelines_probabilities(family, n_classes):
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(n_classes), 30)
+    X = (rng.normal(size=(n_classes, 12))[y] + rng.normal(size=(len(y), 12))) * 3 + 5
+    X = X.astype(np.float32)
+    params = {k: v[0] for k, v in FAMILIES[family].grid.items()}
+    final = FAMILIES[family].build_final(0, params).fit(X, y)
+    head = linear_head(final, X)
+    assert head is not None and head.n_classes == n_classes
+    X_new = (rng.normal(size=(200, 12)) * 4 + 5).astype(np.float32)
+    np.testing.assert_allclose(head.predict_proba(X_new), final.predict_proba(X_new), rtol=0, atol=1e-5)
+    assert LinearHead.from_dict(head.to_dict()).predict_proba(X_new[:3]).shape == (3, n_classes)
+
+
+def test_linear_head_refuses_what_it_cannot_reproduce():
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(8)
+    X, y = rng.normal(size=(60, 4)), np.repeat([0, 1, 2], 20)
+    forest = Pipeline([("scale", StandardScaler()), ("clf", RandomForestClassifier(n_estimators=3))])
+    assert linear_head(forest.fit(X, y), X) is None
+    sigmoid = CalibratedClassifierCV(LinearSVM(), method="sigmoid", ensemble=False)  # not one softmax
+    assert linear_head(Pipeline([("scale", StandardScaler()), ("clf", sigmoid)]).fit(X, y), X) is None
+
+    class Nudged(Pipeline):  # probabilities the linear map cannot give: the check must notice
+        def predict_proba(self, X):
+            p = super().predict_proba(X) + 1e-3
+            return p / p.sum(1, keepdims=True)
+
+    assert linear_head(Nudged(FAMILIES["logreg"].build(0).steps).fit(X, y), X) is None

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from featcache.dataset import load_label_map
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
 from featcache.fit import evaluate, fit
-from featcache.images import Preprocessing
+from featcache.images import Preprocessing, load_pixels
 from featcache.predictor import Predictor
 from tests.conftest import make_dataset
 from tests.test_fit import synthetic_cache
@@ -152,3 +154,37 @@ def test_bundle_with_missing_weights_gives_the_extract_error(tmp_path):
         Predictor.load(model)
     result = CliRunner().invoke(cli, ["predict", "x.jpg", "--model-path", str(model)])
     assert result.exit_code == 1
+
+
+def test_traced_backbone_is_saved_checked_and_reused(trained, tmp_path, monkeypatch):
+    from featcache.backbones import backbone_for
+    from featcache.backbones.registry import Backbone
+    from featcache.backbones.traced import TracedBackbone, trace_path
+
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    _, data, cache, _ = trained
+    c = read_cache(cache)
+    pixels = np.stack([load_pixels(data / p, c.identity.preprocessing) for p in c.paths[:5]])
+    built = backbone_for(c.identity)
+    path = trace_path(c.identity, "cpu")
+    assert isinstance(built, Backbone) and path.is_file()
+    loaded = backbone_for(c.identity)
+    assert isinstance(loaded, TracedBackbone) and loaded.identity == c.identity
+    np.testing.assert_array_equal(loaded.embed(pixels), built.embed(pixels))
+    np.testing.assert_allclose(loaded.embed(pixels), c.features[:5], rtol=0, atol=1e-6)
+    path.write_bytes(path.read_bytes()[:1000])  # a damaged trace is rebuilt, never used
+    assert isinstance(backbone_for(c.identity), Backbone)
+    assert isinstance(backbone_for(c.identity), TracedBackbone)
+
+
+def test_predicting_needs_neither_torchvision_timm_nor_sklearn(trained):
+    _, data, _, model_path = trained
+    code = (
+        "import sys, json; from featcache.predictor import Predictor; "
+        f"p = Predictor.load({str(model_path)!r}); "
+        f"p.predict({str(data / '00_00' / '000.jpg')!r}); p.predict({str(data / '00_00' / '001.jpg')!r}); "
+        "print(json.dumps([m in sys.modules for m in ('torchvision', 'timm', 'sklearn')]))"
+    )
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: E731
+    run()  # the first process may build the backbone and save its trace
+    assert json.loads(run().stdout) == [False, False, False]
