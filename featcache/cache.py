@@ -101,6 +101,7 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
                     "weights_sha256": ident.weights_sha256,
                     "preprocessing": json.dumps(ident.preprocessing.to_dict(), sort_keys=True),
                     "pool": ident.pool,
+                    "precision": ident.precision,
                     "dtype": cache.dtype,
                     "label_map": json.dumps(cache.label_map.to_dict(), sort_keys=True),
                     "data_root": cache.data_root,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones import Backbone, BackboneIdentity, backbone_for, create_backbone, resolve_device
+from featcache.backbones import Backbone, BackboneIdentity, backbone_for, load_backbone, resolve_device
 from featcache.cache import DTYPES, FeatureCache, read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
 from featcache.errors import FeatcacheError
@@ -79,7 +79,7 @@ def extract(
     output = Path(output)
     dataset = scan(data_dir)
     label_map = load_label_map(labels) if labels is not None else None
-    net = create_backbone(
+    net = load_backbone(
         backbone, weights, pool=pool, device=resolve_device(device), progress=True, precision=precision
     )
     identity = net.identity

@@ -143,3 +143,26 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, monkeypatch):
 def test_missing_folder_is_an_error(tmp_path):
     with pytest.raises(FeatcacheError, match="not a folder"):
         extract(tmp_path / "nope", tmp_path / "f.h5", **LITE)
+
+
+def test_a_saved_trace_is_used_instead_of_building(dataset, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "traces"))
+    code = (
+        "import sys, json; from featcache.extract import extract; "
+        f"extract({str(dataset)!r}, sys.argv[1], backbone='efficientnet_lite0', overwrite=True); "
+        "print(json.dumps([m in sys.modules for m in ('torchvision', 'timm')]))"
+    )
+    runs = []
+    for name in ("built.h5", "traced.h5"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs == [[True, True], [False, False]]  # the second run loads the trace the first saved
+    assert list((tmp_path / "traces").rglob("*.pt"))
+    built, traced = read_cache(tmp_path / "built.h5"), read_cache(tmp_path / "traced.h5")
+    assert traced.identity == built.identity
+    np.testing.assert_allclose(traced.features, built.features, rtol=0, atol=1e-6)

@@ -1,6 +1,7 @@
 """The optimised backbone (folded BatchNorm, channels_last) computes the unmodified model's
 features; bf16 autocast runs only when asked, and a cache never mixes precisions."""
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -148,6 +149,8 @@ def test_bf16_cache_bundle_and_predictor(tmp_path):
     extract(data, out, backbone="efficientnet_lite0", precision="bf16", workers=0)
     cache = read_cache(out)
     assert cache.identity.precision == "bf16"
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "bf16"
     with pytest.raises(FeatcacheError, match="precision: bf16 vs fp32"):
         extract(data, out, backbone="efficientnet_lite0")  # never mixed into a bf16 cache
     result = fit(out, model="logreg", cv=2, output=tmp_path / "models")

@@ -17,6 +17,7 @@ from featcache.backbones.registry import (
     create_backbone,
     get_entry,
     list_backbones,
+    load_backbone,
     register,
     resolve_device,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "create_backbone",
     "get_entry",
     "list_backbones",
+    "load_backbone",
     "register",
     "resolve_device",
 ]

@@ -245,11 +245,7 @@ def create_backbone(
     """
     from featcache.backbones.weights import file_sha256, resolve_weights
 
-    entry = get_entry(name)
-    if pool not in entry.pools:
-        raise FeatcacheError(f"pool {pool!r} is not available for {name}: choose one of {entry.pools}")
-    if precision not in PRECISIONS:
-        raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    entry = _checked_entry(name, pool, precision)
     weights = weights or entry.default_weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -273,9 +269,48 @@ def create_backbone(
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
             raise FeatcacheError(f"weights file {path} does not fit backbone {name}: {first}") from None
-    dim = entry.feature_dim * (2 if pool == "avgmax" else 1)
-    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, dim, precision)
+    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, _dim(entry, pool), precision)
     return Backbone(entry, model, identity, optimize=optimize).to(device)
+
+
+def load_backbone(
+    name: str = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    pool: str = "avg",
+    device: str = "cpu",
+    download: bool = True,
+    progress: bool = False,
+    precision: str = "fp32",
+) -> Backbone:
+    """:func:`create_backbone`, but a trace saved by an earlier run with the same weights file is
+    loaded instead of building the network (and one is saved after building it).
+
+    Random weights are always built.
+    """
+    from featcache.backbones.weights import file_sha256, resolve_weights
+
+    entry = _checked_entry(name, pool, precision)
+    weights = weights or entry.default_weights
+    if weights == RANDOM:
+        return create_backbone(name, weights, pool, device, download, progress, precision)
+    label, path = resolve_weights(entry, weights, download=download, progress=progress)
+    identity = BackboneIdentity(
+        name, label, file_sha256(path), entry.preprocessing, pool, _dim(entry, pool), precision
+    )
+    return backbone_for(identity, device)
+
+
+def _checked_entry(name: str, pool: str, precision: str) -> BackboneEntry:
+    entry = get_entry(name)
+    if pool not in entry.pools:
+        raise FeatcacheError(f"pool {pool!r} is not available for {name}: choose one of {entry.pools}")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return entry
+
+
+def _dim(entry: BackboneEntry, pool: str) -> int:
+    return entry.feature_dim * (2 if pool == "avgmax" else 1)
 
 
 def _state_sha256(model: nn.Module) -> str:
@@ -337,6 +372,7 @@ __all__ = [
     "create_backbone",
     "get_entry",
     "list_backbones",
+    "load_backbone",
     "register",
     "register_fallback",
     "backbone_for",
