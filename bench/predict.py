@@ -90,6 +90,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 cache = extract(data, model_dir / "features.h5", backbone=name, weights=weights).output
                 model = fit(cache, model="logreg", cv=2, output=model_dir / "models").model_path
+            shutil.rmtree(tmp / "featcache-cache", ignore_errors=True)  # extract saved a trace: start bare
             cmd = [*featcache_command(), "predict", str(image), "--model-path", str(model)]
             first = wall(cmd, model_dir, env)
             with warnings.catch_warnings():

@@ -119,7 +119,21 @@ class BackboneIdentity:
         return out
 
 
-class Backbone(nn.Module):
+class Described:
+    """The parts of a backbone that its identity alone determines."""
+
+    identity: BackboneIdentity
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.identity.preprocessing
+
+    @property
+    def feature_dim(self) -> int:
+        return self.identity.feature_dim
+
+
+class Backbone(Described, nn.Module):
     """A frozen network that maps images to pooled embeddings, with the identity that describes it.
 
     With ``optimize`` (the default) BatchNorms are folded into their convolutions and the model
@@ -142,14 +156,6 @@ class Backbone(nn.Module):
 
             self.folded = fold_batchnorm(self.model, entry.features)
             self.model.to(memory_format=torch.channels_last)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.identity.preprocessing
-
-    @property
-    def feature_dim(self) -> int:
-        return self.identity.feature_dim
 
     @property
     def device(self) -> torch.device:

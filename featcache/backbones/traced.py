@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from featcache import __version__
-from featcache.backbones.registry import Backbone, BackboneIdentity
+from featcache.backbones.registry import Backbone, BackboneIdentity, Described
 from featcache.files import replaced_atomically
-from featcache.images import Preprocessing, normalize
+from featcache.images import normalize
 
 
 def cache_dir() -> Path:
@@ -42,21 +42,13 @@ def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
     return cache_dir() / "traced" / f"{identity.backbone}-{digest}.pt"
 
 
-class TracedBackbone:
+class TracedBackbone(Described):
     """A backbone loaded from its trace: the same :meth:`embed` and identity as the one traced."""
 
     def __init__(self, module: torch.jit.ScriptModule, identity: BackboneIdentity, device: torch.device):
         self.module = module
         self.identity = identity
         self.device = device
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.identity.preprocessing
-
-    @property
-    def feature_dim(self) -> int:
-        return self.identity.feature_dim
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
