@@ -2,8 +2,10 @@
 
 joblib (pickle) files run code when they are loaded, so :func:`load_bundle` checks the file's
 size and SHA-256 against the manifest beside it *before* unpickling, and refuses a file that is
-truncated, modified, or has no manifest. Replacing a bundle never leaves a state in which
-neither the old nor the new model loads.
+truncated, modified, or has no manifest. Even a verified file is unpickled with an allowlist:
+only NumPy arrays and scikit-learn/featcache estimators may be rebuilt, so a forged manifest
+cannot make a bundle run code. Replacing a bundle never leaves a state in which neither the
+old nor the new model loads.
 
 The pipeline is pickled inside the bundle as bytes of its own, so a reader that needs only the
 plain parts (the identity, the classes, the linear head) does not import scikit-learn.
@@ -12,13 +14,17 @@ plain parts (the identity, the classes, the linear head) does not import scikit-
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
+import pickle
+import zlib
 from pathlib import Path
 from typing import Any
 
 import joblib
+from joblib.numpy_pickle import NumpyUnpickler
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
@@ -80,7 +86,9 @@ def load_bundle(path: str | os.PathLike, pipeline: bool = True) -> dict[str, Any
             "refusing to unpickle it"
         )
     try:
-        bundle = joblib.load(io.BytesIO(data))
+        bundle = safe_load(data)
+    except UnsafePickleError as e:
+        raise FeatcacheError(f"{path}: refusing to load it: {e}") from None
     except Exception as e:  # noqa: BLE001 - a verified file that still fails to load
         raise FeatcacheError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
@@ -100,7 +108,9 @@ def bundle_pipeline(bundle: dict[str, Any]) -> Any:
         if "pipeline_pickle" not in bundle:
             raise FeatcacheError("the model bundle holds no pipeline")
         try:
-            bundle["pipeline"] = joblib.load(io.BytesIO(bundle["pipeline_pickle"]))
+            bundle["pipeline"] = safe_load(bundle["pipeline_pickle"])
+        except UnsafePickleError as e:
+            raise FeatcacheError(f"refusing to load the model's pipeline: {e}") from None
         except Exception as e:  # noqa: BLE001 - the file was verified, so this is a version mismatch
             raise FeatcacheError(f"the model's pipeline cannot be loaded ({type(e).__name__}: {e})") from None
     return bundle["pipeline"]
@@ -127,3 +137,64 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
 def _write_atomic(path: Path, data: bytes) -> None:
     with replaced_atomically(path) as tmp:
         tmp.write_bytes(data)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asks for something a featcache model never holds."""
+
+
+#: What a bundle may rebuild besides scikit-learn and featcache estimators.
+SAFE_GLOBALS = frozenset(
+    {
+        ("joblib.numpy_pickle", "NumpyArrayWrapper"),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("sklearn.calibration", "_CalibratedClassifier"),
+        ("collections", "OrderedDict"),
+    }
+)
+_ESTIMATOR_PACKAGES = ("sklearn", "featcache")
+
+
+class _AllowlistUnpickler(NumpyUnpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if _is_estimator_class(module, name):
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"it asks for {module}.{name}, which is not part of any featcache model "
+            "(a pickle that names it could run code)"
+        )
+
+
+def _is_estimator_class(module: str, name: str) -> bool:
+    """Whether ``module.name`` is a scikit-learn or featcache estimator class defined there."""
+    if module.split(".")[0] not in _ESTIMATOR_PACKAGES or "." in name:
+        return False
+    from sklearn.base import BaseEstimator
+
+    try:
+        obj = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return False
+    home = getattr(obj, "__module__", None) or ""
+    return (
+        isinstance(obj, type) and issubclass(obj, BaseEstimator) and home.split(".")[0] in _ESTIMATOR_PACKAGES
+    )
+
+
+def safe_load(data: bytes) -> Any:
+    """Unpickle joblib ``data`` (plain or zlib-compressed), rebuilding only allowlisted types.
+
+    Raises :class:`UnsafePickleError` for anything else, before it can be called.
+    """
+    if data[:1] == b"x":  # joblib's zlib stream (compress=1..9)
+        data = zlib.decompress(data)
+    elif data[:1] != b"\x80":
+        raise pickle.UnpicklingError("not a pickle or a zlib-compressed joblib file")
+    return _AllowlistUnpickler("", io.BytesIO(data), True).load()
