@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     from featcache.errors import FeatcacheError
 
     warnings.showwarning = _show_warning
+    # featcache refuses such images itself, with the reason, so Pillow's warning is noise
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="featcache", standalone_mode=False)

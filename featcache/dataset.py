@@ -182,9 +182,11 @@ def scan(root: str | os.PathLike) -> Dataset:
         except OSError as e:
             unreadable.append((relpath, _os_reason(e, abspath)))
             return
-        if not stat.S_ISREG(st.st_mode):
-            return
         ext = os.path.splitext(relpath)[1].lower()
+        if not stat.S_ISREG(st.st_mode):
+            if ext in extensions:  # reading a FIFO or a device could block or never end
+                unreadable.append((relpath, "not a regular file (a pipe, socket or device)"))
+            return
         if ext not in extensions and not _looks_like_image(abspath):
             return
         files.append(ImageFile(relpath, label, st.st_size, st.st_mtime_ns))

@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from featcache.files import replaced_atomically
+
 
 def save_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``report`` as indented JSON and return the path."""
     path = Path(path)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return path
 
 
@@ -76,6 +79,7 @@ def save_confusion_png(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
