@@ -3,6 +3,10 @@ import os
 import numpy as np
 import pytest
 
+from featcache.backbones.registry import BackboneIdentity
+from featcache.cache import FeatureCache, write_cache
+from featcache.images import Preprocessing
+
 os.environ.setdefault("FEATCACHE_OFFLINE", "1")  # tests never reach the network
 
 
@@ -62,3 +66,26 @@ def lite0_backbone():
     from featcache.backbones import create_backbone
 
     return create_backbone("efficientnet_lite0")
+
+
+IDENT = BackboneIdentity("efficientnet_lite0", "IMAGENET1K", "5" * 64, Preprocessing(), "avg", 32)
+
+
+def synthetic_cache(path, separation=3.0, n_classes=4, per_class=30, dim=32, seed=0, shuffle_labels=False,
+                    identity=IDENT, dtype="float32"):  # fmt: skip
+    """A feature cache of Gaussian clusters, one per class, written to ``path``."""
+    r = np.random.default_rng(seed)
+    centers = r.normal(0, 1, (n_classes, dim)) * separation
+    y = np.repeat(np.arange(n_classes), per_class)
+    X = (centers[y] + r.normal(0, 1, (len(y), dim))).astype(np.float32)
+    if shuffle_labels:
+        y = r.permutation(y)
+    classes = [f"c{i}" for i in range(n_classes)]
+    paths = [f"{classes[c]}/{i:04d}.jpg" for i, c in enumerate(y)]
+    order = np.argsort(paths)
+    cache = FeatureCache(
+        X[order], y[order].astype(np.int32), [paths[i] for i in order], np.zeros(len(y), np.int64),
+        np.zeros(len(y), np.int64), classes, identity, dtype=dtype,
+    )  # fmt: skip
+    write_cache(cache, path)
+    return path

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_dataset, synthetic_cache
 from PIL import Image
 
 import featcache
@@ -17,8 +18,6 @@ from featcache.extract import extract
 from featcache.fit import evaluate, fit
 from featcache.images import Preprocessing, load_pixels
 from featcache.predictor import Predictor
-from tests.conftest import make_dataset
-from tests.test_fit import synthetic_cache
 
 # one class of each garbage26 category, so the categories can be checked
 CLASSES = ("00_00", "01_04", "02_01", "03_03")

@@ -1,28 +1,26 @@
-"""extract killed with SIGKILL at several moments, then rerun, gives the uninterrupted result."""
+"""extract and fit killed with SIGKILL: at moments of the run, and at every file rename they do."""
 
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import make_dataset, make_image
+from conftest import make_dataset, make_image, synthetic_cache
 
-from featcache.cache import read_cache
+from featcache.bundle import load_bundle
+from featcache.cache import read_cache, write_cache
 from featcache.extract import extract
+from featcache.fit import fit
+from featcache.testing import run_featcache, start_featcache
 
-CLI = str(Path(__file__).resolve().parents[1] / "cli.py")
 ARGS = ["--backbone", "efficientnet_lite0", "--batch-size", "4", "-q"]
 
 
 def _start(data, out):
-    return subprocess.Popen(
-        [sys.executable, CLI, "extract", str(data), "-o", str(out), *ARGS],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    args = ["extract", data, "-o", out, *ARGS]
+    return start_featcache(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _kill_when(proc, ready, timeout=120):
@@ -41,6 +39,12 @@ def _kill_when(proc, ready, timeout=120):
 def _parts(out):
     folder = out.with_name(f".{out.name}.partial")
     return len(list(folder.glob("part-*.npz"))) if folder.is_dir() else 0
+
+
+def _same(a, b):
+    return (a.paths, a.skipped, a.classes) == (b.paths, b.skipped, b.classes) and np.array_equal(
+        a.features, b.features
+    )
 
 
 def _assert_same(a, b):
@@ -93,3 +97,50 @@ def test_kill_during_update_keeps_previous_cache(corpus, tmp_path):
     extract(grown, out, backbone="efficientnet_lite0", batch_size=4)
     final = read_cache(out)
     assert len(final) == 52 and final.skipped == []
+
+
+def test_kill_at_every_rename_of_an_update(tmp_path):
+    """Each of the update's renames (batch files, the cache) is a kill point: before it, and after."""
+    data = make_dataset(tmp_path / "data", classes=("a", "b"), per_class=3)
+    out = tmp_path / "features.h5"
+    extract(data, out, backbone="efficientnet_lite0", batch_size=4)
+    old = read_cache(out)
+    for i in range(6):
+        make_image(data / "b" / f"new{i}.jpg", 900 + i)
+    reference = extract(data, tmp_path / "reference.h5", backbone="efficientnet_lite0", batch_size=4)
+    expected = read_cache(reference.output)
+    kills = 0
+    for when in ("before", "after"):
+        for n in range(1, 20):
+            write_cache(old, out)
+            done = run_featcache(["extract", data, "-o", out, *ARGS], kill_at_replace=n, when=when)
+            if done.returncode == 0:
+                break
+            assert done.returncode == -signal.SIGKILL, done.stderr
+            kills += 1
+            now = read_cache(out)  # never unreadable: the old cache, or the new one once renamed
+            assert _same(now, old) or _same(now, expected)
+            extract(data, out, backbone="efficientnet_lite0", batch_size=4)
+            assert _same(read_cache(out), expected)
+        assert n > 2  # the kills reached past the batch files
+    assert kills >= 6
+    assert not list(tmp_path.glob(".features.h5.tmp-*"))
+
+
+def test_kill_fit_while_it_writes_the_model(tmp_path):
+    """fit killed before or after each of the three renames that replace a model: it always loads."""
+    cache = synthetic_cache(tmp_path / "features.h5", n_classes=3, per_class=10, dim=8)
+    models = tmp_path / "models"
+    fit(cache, model="softmax", cv=2, output=models)
+    path = models / "best.joblib"
+    families = []
+    for when in ("before", "after"):
+        for n in (1, 2, 3):  # the manifest accepting both files, the bundle, the final manifest
+            done = run_featcache(["fit", cache, "--model", "logreg", "--cv", "2", "-o", models],
+                                 kill_at_replace=n, when=when)  # fmt: skip
+            assert done.returncode == -signal.SIGKILL, done.stderr
+            families.append(load_bundle(path)["family"])  # raises if neither model loads
+            fit(cache, model="softmax", cv=2, output=models)
+    # the new model takes over whole, at the rename of the bundle (the second rename)
+    assert families == ["softmax", "softmax", "logreg", "softmax", "logreg", "logreg"]
+    assert not list(models.glob(".*.tmp-*"))
