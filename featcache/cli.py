@@ -321,7 +321,7 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str, readable=False))
 @click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to use.")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")

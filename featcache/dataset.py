@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from featcache.errors import FeatcacheError
+from featcache.images import NOT_A_FILE
 
 UNLABELLED = -1
 
@@ -180,12 +181,12 @@ def scan(root: str | os.PathLike) -> Dataset:
         try:
             st = os.stat(abspath)
         except OSError as e:
-            unreadable.append((relpath, _os_reason(e, abspath)))
+            unreadable.append((relpath, os_reason(e, abspath)))
             return
         ext = os.path.splitext(relpath)[1].lower()
         if not stat.S_ISREG(st.st_mode):
             if ext in extensions:  # reading a FIFO or a device could block or never end
-                unreadable.append((relpath, "not a regular file (a pipe, socket or device)"))
+                unreadable.append((relpath, NOT_A_FILE))
             return
         if ext not in extensions and not _looks_like_image(abspath):
             return
@@ -220,7 +221,8 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _os_reason(e: OSError, path: str) -> str:
+def os_reason(e: OSError, path: str) -> str:
+    """What went wrong when ``path`` could not be opened, in a few words."""
     if isinstance(e, FileNotFoundError) and os.path.islink(path):
         return "broken symbolic link"
     return e.strerror or str(e)

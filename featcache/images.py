@@ -165,7 +165,12 @@ def normalize(batch: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Te
     return x.sub_(mean).div_(std).contiguous()
 
 
+NOT_A_FILE = "not a regular file (a pipe, socket or device)"
+
+
 def _open(path: Path) -> Image.Image:
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ImageError(NOT_A_FILE, path)  # opening a pipe would wait for a writer forever
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
@@ -176,6 +181,8 @@ def _open(path: Path) -> Image.Image:
         raise ImageError("no such file (or a broken link)", path) from None
     except PermissionError:
         raise ImageError("permission denied", path) from None
+    except IsADirectoryError:
+        raise ImageError("a folder, not an image file", path) from None
     except OSError as e:
         if e.errno is None:  # raised by a Pillow decoder, not by the file system
             raise ImageError(f"truncated or corrupt image ({e})", path) from None

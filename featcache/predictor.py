@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from featcache.dataset import LabelMap, scan
+from featcache.dataset import LabelMap, os_reason, scan
 from featcache.errors import FeatcacheError
 from featcache.head import LinearHead
 from featcache.images import ImageSource, load_batches, load_pixels
@@ -192,6 +192,11 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str, str | No
                 out.append((os.path.join(p, rel), os.path.join(p, rel), reason))
         elif os.path.exists(p):
             out.append((p, p, None))
+        elif os.path.lexists(p):
+            try:
+                os.stat(p)
+            except OSError as e:
+                out.append((p, p, os_reason(e, p)))  # a broken link, or a loop of links
         else:
             out.append((p, p, "no such file or folder"))
     return out

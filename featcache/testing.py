@@ -32,9 +32,10 @@ PWNED = "featcache-pwned-marker"
 class HostileFile:
     """One file of a hostile corpus.
 
-    ``valid`` files must be decoded to ``expected`` (H×W×3 uint8 RGB, before resizing), exactly
-    when ``lossy`` is false; invalid ones must be skipped with a reason. ``decoy`` is a wrong
-    decoding (an unrotated photo) that the cached features must be farther from.
+    ``valid`` files must be decoded to ``expected`` (H×W×3 uint8 RGB, before resizing; for JPEGs,
+    what Pillow decodes from a clean copy, turned by NumPy where EXIF says so); invalid ones must
+    be skipped with a reason. ``decoy`` is a wrong decoding (the photo left unrotated) that the
+    cached features must be farther from.
     ``vanishes`` files are deleted between listing and reading by :func:`run_featcache`.
     """
 
@@ -42,7 +43,6 @@ class HostileFile:
     relpath: str
     valid: bool
     expected: np.ndarray | None = None
-    lossy: bool = False
     decoy: np.ndarray | None = None
     vanishes: bool = False
 
@@ -90,9 +90,13 @@ def hostile_corpus(root: str | os.PathLike, folder: str = "odd") -> list[Hostile
         img.save(path, fmt, **params)
         return path.read_bytes()
 
+    def decoded(name: str) -> np.ndarray:
+        with Image.open(base / name) as im:
+            return np.asarray(im.convert("RGB"))
+
     photo = picture(96, 64, 1)
     jpeg = save(Image.fromarray(photo), "photo.jpg", "JPEG", quality=95)
-    put("plain JPEG", "photo.jpg", valid=True, expected=photo, lossy=True)
+    put("plain JPEG", "photo.jpg", valid=True, expected=decoded("photo.jpg"))
     png = save(Image.fromarray(photo), "photo.png", "PNG")
     put("plain PNG", "photo.png", valid=True, expected=photo)
 
@@ -101,14 +105,8 @@ def hostile_corpus(root: str | os.PathLike, folder: str = "odd") -> list[Hostile
     put("truncated PNG", "truncated.png", png[: len(png) * 6 // 10], valid=False)
     put("PNG with a bad CRC", "bad_crc.png", _png_with_bad_crc(photo), valid=False)
     put("text file named .jpg", "notes.jpg", b"these are my holiday notes, not a picture\n" * 20, valid=False)
-    put(
-        "JPEG with trailing garbage",
-        "trailing.jpg",
-        jpeg + os.urandom(64),
-        valid=True,
-        expected=photo,
-        lossy=True,
-    )
+    trailing = jpeg + bytes(range(7, 250, 3))
+    put("JPEG with trailing garbage", "trailing.jpg", trailing, valid=True, expected=decoded("photo.jpg"))
 
     web = picture(80, 60, 2)
     save(Image.fromarray(web), "webp_named.jpg", "WEBP", lossless=True)
@@ -128,7 +126,7 @@ def hostile_corpus(root: str | os.PathLike, folder: str = "odd") -> list[Hostile
 
     cmyk = Image.fromarray(picture(64, 48, 4)).convert("CMYK")
     save(cmyk, "cmyk.jpg", "JPEG", quality=95)
-    put("CMYK JPEG", "cmyk.jpg", valid=True, expected=np.asarray(cmyk.convert("RGB")), lossy=True)
+    put("CMYK JPEG", "cmyk.jpg", valid=True, expected=decoded("cmyk.jpg"))
 
     deep = (np.add.outer(np.arange(40), np.arange(60)) * 600 % 65536).astype(np.uint16)
     save(Image.fromarray(deep), "sixteen_bit.png", "PNG")
@@ -161,19 +159,18 @@ def hostile_corpus(root: str | os.PathLike, folder: str = "odd") -> list[Hostile
     exif = Image.Exif()
     exif[0x0112] = 6  # display rotated 90° clockwise
     save(Image.fromarray(np.rot90(upright, k=1).copy()), "exif_rotated.jpg", "JPEG", quality=95, exif=exif)
-    put(
-        "EXIF-rotated JPEG",
-        "exif_rotated.jpg",
-        valid=True,
-        expected=upright,
-        lossy=True,
-        decoy=np.rot90(upright, k=1).copy(),
-    )
+    stored = decoded("exif_rotated.jpg")
+    put("EXIF-rotated JPEG", "exif_rotated.jpg", valid=True, expected=np.rot90(stored, k=-1), decoy=stored)
     odd_exif = Image.Exif()
     odd_exif[0x0112] = 42
     bad_tag = picture(40, 30, 7)
     save(Image.fromarray(bad_tag), "exif_nonsense.jpg", "JPEG", quality=95, exif=odd_exif)
-    put("EXIF orientation out of range", "exif_nonsense.jpg", valid=True, expected=bad_tag, lossy=True)
+    put(
+        "EXIF orientation out of range",
+        "exif_nonsense.jpg",
+        valid=True,
+        expected=decoded("exif_nonsense.jpg"),
+    )
 
     unknown = picture(30, 20, 8)
     save(Image.fromarray(unknown), "picture.dat", "PNG")
