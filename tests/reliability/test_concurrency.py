@@ -1,0 +1,74 @@
+"""Several processes at once: predictors sharing one bundle, readers of a cache that is being updated."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import make_dataset, make_image
+
+from featcache.cache import read_cache
+from featcache.extract import extract
+from featcache.fit import evaluate, fit
+from featcache.predictor import Predictor
+from featcache.testing import start_featcache
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concurrent")
+    data = make_dataset(root / "data", classes=("a", "b"), per_class=8)
+    cache = extract(data, root / "features.h5", backbone="efficientnet_lite0").output
+    model = fit(cache, model="logreg", cv=2, output=root / "models").model_path
+    return root, data, model
+
+
+def test_predictors_in_parallel_agree_and_share_one_trace(trained, tmp_path, monkeypatch):
+    root, data, model = trained
+    traces = tmp_path / "traces"
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(traces))  # empty: all four race to build the trace
+    procs = [
+        start_featcache(["predict", data, "--model-path", model, "--json", "--top-k", "2"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outputs]
+    records = [[json.loads(line) for line in out.splitlines()] for out, _ in outputs]
+    assert all(r == records[0] for r in records) and len(records[0]) == 16
+    expected = Predictor.load(model).predict_files([data], top_k=2)
+    for got, want in zip(records[0], expected, strict=True):
+        assert got["label"] == want.label
+        assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
+    saved = list((traces / "traced").iterdir())
+    assert len(saved) == 1 and saved[0].suffix == ".pt", saved  # one whole trace, no leftovers
+
+
+def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, tmp_path):
+    root, data, model = trained
+    out = tmp_path / "features.h5"
+    old = read_cache(extract(data, out, backbone="efficientnet_lite0", batch_size=4).output)
+    grown = tmp_path / "grown"
+    make_dataset(grown, classes=("a", "b"), per_class=8)
+    for i in range(16):
+        make_image(grown / "a" / f"more{i:02d}.jpg", 7000 + i)
+    new = read_cache(extract(grown, tmp_path / "reference.h5", backbone="efficientnet_lite0").output)
+    args = ["extract", grown, "-o", out, "--backbone", "efficientnet_lite0", "--batch-size", "4", "-q"]
+    proc = start_featcache(args, stderr=subprocess.PIPE)
+    seen = {"old": 0, "new": 0}
+    while True:
+        running = proc.poll() is None
+        cache = read_cache(out)
+        for name, whole in (("old", old), ("new", new)):
+            if cache.paths == whole.paths:
+                assert np.array_equal(cache.features, whole.features)
+                seen[name] += 1
+                break
+        else:
+            pytest.fail(f"a reader saw a cache of {len(cache)} rows that is neither the old nor the new one")
+        if seen["old"] % 5 == 1:
+            assert evaluate(out, model).n_images == len(cache)
+        if not running:
+            break
+    assert proc.returncode == 0, proc.stderr.read()
+    assert seen["old"] >= 5 and seen["new"] >= 1, seen
