@@ -59,6 +59,19 @@ def picture(w: int, h: int, seed: int = 0) -> np.ndarray:
     return arr
 
 
+def labelled_folder(
+    root: str | os.PathLike, classes: Sequence[str] = ("a", "b", "c"), per_class: int = 20, seed: int = 0
+) -> Path:
+    """Write ``root/<class>/<nnn>.jpg``: distinct 64x48 JPEG pictures; return ``root``."""
+    root = Path(root)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = picture(64, 48, seed * 100_000 + c * 1000 + i)
+            Image.fromarray(arr).save(root / name / f"{i:03d}.jpg", quality=90)
+    return root
+
+
 def _png_with_bad_crc(arr: np.ndarray) -> bytes:
     import io
 
@@ -254,14 +267,6 @@ def can_honour_permissions() -> bool:
     return probe.returncode == 0
 
 
-def _command(
-    args: Sequence[str], kill_at_replace: int | None, when: str, vanish: Sequence[str | os.PathLike]
-) -> tuple[list[str], dict[str, str]]:
-    plan = {"kill_at_replace": kill_at_replace, "when": when, "vanish": [os.fsdecode(p) for p in vanish]}
-    env = {**os.environ, "FEATCACHE_FAULTS": json.dumps(plan)}
-    return [sys.executable, "-c", _CHILD, *map(os.fsdecode, args)], env
-
-
 def start_featcache(
     args: Sequence[str | os.PathLike],
     kill_at_replace: int | None = None,
@@ -275,9 +280,11 @@ def start_featcache(
     ``kill_at_replace=n`` makes the child SIGKILL itself just ``before`` or ``after`` its n-th
     ``os.replace`` (every file featcache writes whole is renamed into place by one). ``vanish``
     files are deleted right after the dataset folder is listed. ``honour_permissions`` makes a
-    root child unable to read files it has no permission for.
+    root child unable to read files it has no permission for. Other keywords go to Popen.
     """
-    cmd, env = _command([os.fspath(a) for a in args], kill_at_replace, when, vanish)
+    plan = {"kill_at_replace": kill_at_replace, "when": when, "vanish": [os.fsdecode(p) for p in vanish]}
+    env = {**popen.pop("env", os.environ), "FEATCACHE_FAULTS": json.dumps(plan)}
+    cmd = [sys.executable, "-c", _CHILD, *(os.fsdecode(a) for a in args)]
     preexec = _drop_read_override if honour_permissions and os.geteuid() == 0 else None
     return subprocess.Popen(cmd, env=env, preexec_fn=preexec, **popen)
 
