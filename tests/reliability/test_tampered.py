@@ -5,7 +5,7 @@ from conftest import synthetic_cache
 
 import featcache.bundle
 from featcache.backbones.registry import BackboneIdentity
-from featcache.bundle import load_bundle
+from featcache.bundle import UnsafePickleError, load_bundle, safe_load
 from featcache.cli import main
 from featcache.errors import FeatcacheError
 from featcache.fit import evaluate, fit
@@ -82,3 +82,25 @@ def test_the_cli_says_one_line_and_exits_1(models, tmp_path, monkeypatch, capsys
         assert exit_.value.code == 1, (kind, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (kind, err)
     assert not (tmp_path / PWNED).exists()
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("os", "system"),
+        ("subprocess", "Popen"),
+        ("builtins", "eval"),
+        ("numpy", "memmap"),  # a NumPy class that creates files
+        ("numpy", "load"),
+        ("sklearn.utils.parallel", "Parallel"),  # scikit-learn, but not an estimator
+        ("sklearn.base", "os"),  # a module that sklearn imported
+        ("featcache.cli", "main"),
+        ("sklearn.linear_model", "LogisticRegression.__init__"),
+    ],
+)
+def test_the_allowlist_refuses_what_no_model_holds(module, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload = b"\x80\x02" + f"c{module}\n{name}\n".encode() + b")R."  # call module.name()
+    with pytest.raises(UnsafePickleError, match=f"asks for {module}.{name}"):
+        safe_load(payload)
+    assert list(tmp_path.iterdir()) == []
