@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import os
@@ -158,6 +159,12 @@ SAFE_GLOBALS = frozenset(
     }
 )
 _ESTIMATOR_PACKAGES = ("sklearn", "featcache")
+# joblib >= 1.5 takes ensure_native_byte_order; older versions always convert
+_UNPICKLER_OPTIONS = (
+    {"ensure_native_byte_order": True}
+    if "ensure_native_byte_order" in inspect.signature(NumpyUnpickler.__init__).parameters
+    else {}
+)
 
 
 class _AllowlistUnpickler(NumpyUnpickler):
@@ -197,4 +204,4 @@ def safe_load(data: bytes) -> Any:
         data = zlib.decompress(data)
     elif data[:1] != b"\x80":
         raise pickle.UnpicklingError("not a pickle or a zlib-compressed joblib file")
-    return _AllowlistUnpickler("", io.BytesIO(data), True).load()
+    return _AllowlistUnpickler("", io.BytesIO(data), **_UNPICKLER_OPTIONS).load()

@@ -6,6 +6,7 @@ Extract and predict both call :func:`load_pixels`, so they cannot preprocess dif
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -169,7 +170,11 @@ NOT_A_FILE = "not a regular file (a pipe, socket or device)"
 
 
 def _open(path: Path) -> Image.Image:
-    if path.exists() and not path.is_file() and not path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # Image.open below says why
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise ImageError(NOT_A_FILE, path)  # opening a pipe would wait for a writer forever
     try:
         img = Image.open(path)
