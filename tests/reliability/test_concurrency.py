@@ -66,8 +66,8 @@ def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, 
                 break
         else:
             pytest.fail(f"a reader saw a cache of {len(cache)} rows that is neither the old nor the new one")
-        if seen["old"] % 5 == 1:
-            assert evaluate(out, model).n_images == len(cache)
+        if seen["old"] % 5 == 1:  # a later read: the cache may have been replaced in between
+            assert evaluate(out, model).n_images in (len(old), len(new))
         if not running:
             break
     assert proc.returncode == 0, proc.stderr.read()
