@@ -253,19 +253,34 @@ def create_backbone(
 
     entry = _checked_entry(name, pool, precision)
     weights = weights or entry.default_weights
+    if weights == RANDOM:
+        return _build(entry, RANDOM, None, None, pool, precision, device, optimize)
+    label, path = resolve_weights(entry, weights, download=download, progress=progress)
+    return _build(entry, label, path, file_sha256(path), pool, precision, device, optimize)
+
+
+def _build(
+    entry: BackboneEntry,
+    label: str,
+    path: Path | None,
+    sha: str | None,
+    pool: str,
+    precision: str,
+    device: str | torch.device,
+    optimize: bool = True,
+) -> Backbone:
+    """The network of ``entry`` with the weights file ``path`` (whose SHA-256 is ``sha``), or random."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = entry.build()
-    if weights == RANDOM:
+    if path is None:
         warnings.warn(
-            f"{name} uses random weights: its features are meaningless for classification",
+            f"{entry.name} uses random weights: its features are meaningless for classification",
             FeatcacheWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        label, sha = RANDOM, _state_sha256(model)
+        sha = _state_sha256(model)
     else:
-        label, path = resolve_weights(entry, weights, download=download, progress=progress)
-        sha = file_sha256(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # any unreadable file: say which one
@@ -274,8 +289,9 @@ def create_backbone(
             entry.load(model, state)
         except (RuntimeError, KeyError, ValueError) as e:
             first = str(e).strip().splitlines()[0]
-            raise FeatcacheError(f"weights file {path} does not fit backbone {name}: {first}") from None
-    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, _dim(entry, pool), precision)
+            raise FeatcacheError(f"weights file {path} does not fit backbone {entry.name}: {first}") from None
+    dim = _dim(entry, pool)
+    identity = BackboneIdentity(entry.name, label, sha, entry.preprocessing, pool, dim, precision)
     return Backbone(entry, model, identity, optimize=optimize).to(device)
 
 
@@ -293,17 +309,21 @@ def load_backbone(
 
     Random weights are always built.
     """
+    from featcache.backbones import traced as tr
     from featcache.backbones.weights import file_sha256, resolve_weights
 
     entry = _checked_entry(name, pool, precision)
     weights = weights or entry.default_weights
     if weights == RANDOM:
-        return create_backbone(name, weights, pool, device, download, progress, precision)
+        return _build(entry, RANDOM, None, None, pool, precision, device)
     label, path = resolve_weights(entry, weights, download=download, progress=progress)
-    identity = BackboneIdentity(
-        name, label, file_sha256(path), entry.preprocessing, pool, _dim(entry, pool), precision
-    )
-    return backbone_for(identity, device)
+    sha = file_sha256(path)
+    identity = BackboneIdentity(name, label, sha, entry.preprocessing, pool, _dim(entry, pool), precision)
+    if (ready := tr.load_traced(identity, device)) is not None:
+        return ready  # type: ignore[return-value]  # the same embed() and identity
+    net = _build(entry, label, path, sha, pool, precision, device)
+    tr.save_traced(net)
+    return net
 
 
 def _checked_entry(name: str, pool: str, precision: str) -> BackboneEntry:
