@@ -33,12 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featcache.bundle import load_bundle  # noqa: E402
-from featcache.cache import FeatureCache, read_cache  # noqa: E402
+from featcache.cache import read_cache  # noqa: E402
 from featcache.testing import (  # noqa: E402
     PWNED,
     can_honour_permissions,
@@ -51,14 +50,6 @@ from featcache.testing import (  # noqa: E402
 )
 
 BACKBONE = ["--backbone", "efficientnet_lite0"]
-
-
-def same(a: FeatureCache, b: FeatureCache) -> bool:
-    return (
-        (a.paths, a.skipped, a.classes) == (b.paths, b.skipped, b.classes)
-        and np.array_equal(a.labels, b.labels)
-        and np.array_equal(a.features, b.features)
-    )
 
 
 def opens(path: Path) -> bool:
@@ -122,11 +113,12 @@ def kill_trials(work: Path, n_trials: int, n_images: int, rng: random.Random) ->
                 unreadable += 1
             else:
                 now = read_cache(out)
-                state = "previous" if same(now, previous) else "complete" if same(now, reference) else "OTHER"
+                state = "complete" if now.same_content(reference) else "OTHER"
+                state = "previous" if now.same_content(previous) else state
         parts = out.with_name(f".{out.name}.partial")
         n_parts = len(list(parts.glob("part-*.npz"))) if parts.is_dir() else 0
         checked(run_featcache(extract_args(data, out)), f"the rerun of trial {trial}")
-        ok = same(read_cache(out), reference)
+        ok = read_cache(out).same_content(reference)
         recovered += ok
         rows.append((trial, "update" if update else "fresh", at, "finished" if finished_first else "killed",
                      state, n_parts, "equal" if ok else "DIFFERENT"))  # fmt: skip
@@ -154,9 +146,9 @@ def kill_trials(work: Path, n_trials: int, n_images: int, rng: random.Random) ->
             if done.returncode == 0:
                 break
             kills += 1
-            now_ok = opens(out) and (same(read_cache(out), previous) or same(read_cache(out), reference))
+            now_ok = opens(out) and any(read_cache(out).same_content(c) for c in (previous, reference))
             checked(run_featcache(extract_args(data, out)), "a rerun")
-            good += now_ok and same(read_cache(out), reference)
+            good += now_ok and read_cache(out).same_content(reference)
             shutil.rmtree(out.parent)
     print(f"extract update killed before/after each of its renames: {kills} kills, {good} left the previous "
           f"or the new cache and recovered on rerun")  # fmt: skip
@@ -307,7 +299,7 @@ def concurrency(work: Path, n_predictors: int) -> None:
     while True:
         running = proc.poll() is None
         now = read_cache(out)
-        seen["old" if same(now, old) else "new" if same(now, new) else "torn"] += 1
+        seen["old" if now.same_content(old) else "new" if now.same_content(new) else "torn"] += 1
         if not running:
             break
     print(

@@ -57,6 +57,21 @@ class FeatureCache:
         """Display names of the classes (from the label map when there is one)."""
         return [self.label_map.display(c) for c in self.classes]
 
+    def same_content(self, other: FeatureCache) -> bool:
+        """Whether ``other`` holds the same rows, files, classes, skip records and labels (the
+        creation time and featcache version aside)."""
+        return (
+            self.paths == other.paths
+            and self.classes == other.classes
+            and self.skipped == other.skipped
+            and self.label_map == other.label_map
+            and self.data_root == other.data_root
+            and np.array_equal(self.labels, other.labels)
+            and np.array_equal(self.sizes, other.sizes)
+            and np.array_equal(self.mtimes_ns, other.mtimes_ns)
+            and np.array_equal(self.features, other.features)
+        )
+
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
         return dict(zip(self.classes, counts.tolist(), strict=True))

@@ -111,7 +111,7 @@ def extract(
     skipped = sorted([*dataset.unreadable, *resumed.skipped.items()], key=lambda s: os.fsencode(s[0]))
     cache = _assemble(dataset, identity, dtype, label_map, reusable, resumed.rows, skipped)
     n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
-    written = previous is None or not _same(previous, cache)
+    written = previous is None or not previous.same_content(cache)
     if written:
         write_cache(cache, output)
     partial.remove()
@@ -205,20 +205,6 @@ def _assemble(
         skipped=skipped,
         data_root=str(dataset.root.resolve()),
         dtype=dtype,
-    )
-
-
-def _same(a: FeatureCache, b: FeatureCache) -> bool:
-    return (
-        a.paths == b.paths
-        and a.classes == b.classes
-        and a.skipped == b.skipped
-        and a.label_map == b.label_map
-        and a.data_root == b.data_root
-        and np.array_equal(a.labels, b.labels)
-        and np.array_equal(a.sizes, b.sizes)
-        and np.array_equal(a.mtimes_ns, b.mtimes_ns)
-        and np.array_equal(a.features, b.features)
     )
 
 

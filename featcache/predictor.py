@@ -192,11 +192,13 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str, str | No
                 out.append((os.path.join(p, rel), os.path.join(p, rel), reason))
         elif os.path.exists(p):
             out.append((p, p, None))
-        elif os.path.lexists(p):
+        elif os.path.lexists(p):  # a broken link, or a loop of links
             try:
                 os.stat(p)
             except OSError as e:
-                out.append((p, p, os_reason(e, p)))  # a broken link, or a loop of links
+                out.append((p, p, os_reason(e, p)))
+            else:
+                out.append((p, p, None))  # it appeared meanwhile: the loader will say
         else:
             out.append((p, p, "no such file or folder"))
     return out
