@@ -83,3 +83,103 @@ def save_confusion_png(
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+PLOT_METHODS = ("tsne", "pca")
+
+
+def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """Map N feature vectors to N points in 2-D with t-SNE (on the first 50 principal components)
+    or PCA. Needs at least 3 rows."""
+    from sklearn.decomposition import PCA
+
+    if method not in PLOT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(PLOT_METHODS)}, not {method!r}")
+    x = np.asarray(features, dtype=np.float32)
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(f"need a 2-D array of at least 3 feature vectors, got shape {x.shape}")
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    from sklearn.manifold import TSNE
+
+    x = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(x)
+    perplexity = min(30.0, (len(x) - 1) / 3)
+    return TSNE(perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def save_embedding_png(
+    points: np.ndarray, labels: np.ndarray, names: list[str], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Draw 2-D points coloured by class (``labels`` index ``names``; -1 is unlabelled, in grey),
+    each class named at its median, with a legend beside the map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patheffects as pe
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    colours = plt.get_cmap("tab10").colors
+    markers = "os^DvPX*"
+    height = max(6.0, 0.24 * n + 1.5)
+    fig, ax = plt.subplots(figsize=(height + 3.5, height), dpi=110)
+    size = 18 if len(points) <= 2000 else 8
+    unlabelled = labels < 0
+    if unlabelled.any():
+        ax.scatter(*points[unlabelled].T, s=size, c="0.75", marker=".", label="unlabelled")
+    for k in range(n):
+        mine = points[labels == k]
+        if not len(mine):
+            continue
+        colour, marker = colours[k % 10], markers[(k // 10) % len(markers)]
+        ax.scatter(*mine.T, s=size, color=colour, marker=marker, alpha=0.75, linewidths=0,
+                   label=f"{names[k]} ({len(mine)})")  # fmt: skip
+        x, y = np.median(mine, axis=0)
+        ax.annotate(names[k], (x, y), ha="center", va="center", fontsize=8 if n <= 12 else 7,
+                    color=[0.6 * c for c in colour], weight="bold",
+                    path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, markerscale=1.5,
+              handletextpad=0.3, borderaxespad=0)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_embedding(
+    features: str | os.PathLike = "features.h5",
+    output: str | os.PathLike = "embedding.png",
+    method: str = "tsne",
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Path:
+    """Save a 2-D map of a feature cache coloured by class (display names from its label map).
+
+    Caches of more than ``max_points`` images are drawn from a seeded random sample of them.
+    """
+    from featcache.cache import read_cache
+    from featcache.errors import FeatcacheError
+
+    if method not in PLOT_METHODS:
+        raise FeatcacheError(f"unknown method {method!r}: choose one of {', '.join(PLOT_METHODS)}")
+    if max_points < 3:
+        raise FeatcacheError(f"max_points must be at least 3, not {max_points}")
+    cache = read_cache(features)
+    if len(cache) < 3:
+        raise FeatcacheError(f"{features}: {len(cache)} image(s); a map needs at least 3")
+    rows = np.arange(len(cache))
+    if len(rows) > max_points:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_points, replace=False))
+    points = embed_2d(cache.features[rows], method, seed)
+    shown = f"{len(rows)} of {len(cache)}" if len(rows) < len(cache) else f"{len(cache)}"
+    title = (
+        f"{'t-SNE' if method == 'tsne' else 'PCA'} of {Path(features).name}: {shown} images, "
+        f"{len(cache.classes)} classes, {cache.identity.backbone} features"
+    )
+    return save_embedding_png(points, cache.labels[rows], cache.class_names, output, title)
