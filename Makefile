@@ -2,16 +2,25 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+DEMO_DIR ?= featcache-demo
 
-.PHONY: test lint clean-venv
+.PHONY: demo test lint clean-venv
 
-$(BIN)/featcache: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## make test: set up the environment if needed, then lint and run the whole test suite
-test: $(BIN)/featcache
+## make demo: set up the environment if needed, then run the whole job on the embedded demo data
+demo: $(VENV)/.installed
+	$(BIN)/featcache demo --workdir $(DEMO_DIR)
+
+## make test: set up the environment (with the test tools) if needed, then lint and run the tests
+test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

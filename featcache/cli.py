@@ -6,9 +6,11 @@ scikit-learn) are imported inside the commands so that ``featcache --help`` stay
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 import click
 
@@ -166,21 +168,7 @@ def extract(
         )
     finally:
         bar.close()
-    ident = result.identity
-    click.echo(
-        f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
-        f"{ident.feature_dim}-d {ident.pool}-pooled, {ident.precision}; computed {result.n_computed}, "
-        f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
-        + ("" if result.written else " (unchanged)")
-    )
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} file(s):", err=True)
-        for path, reason in result.skipped[:20]:
-            click.echo(f"  {_printable(path)}: {reason}", err=True)
-        if len(result.skipped) > 20:
-            click.echo(
-                f"  ... and {len(result.skipped) - 20} more ('featcache info --skipped' lists all)", err=True
-            )
+    _echo_extract(result)
 
 
 @cli.command()
@@ -248,6 +236,24 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _echo_extract(result) -> None:
+    ident = result.identity
+    click.echo(
+        f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
+        f"{ident.feature_dim}-d {ident.pool}-pooled, {ident.precision}; computed {result.n_computed}, "
+        f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
+        + ("" if result.written else " (unchanged)")
+    )
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} file(s):", err=True)
+        for path, reason in result.skipped[:20]:
+            click.echo(f"  {_printable(path)}: {reason}", err=True)
+        if len(result.skipped) > 20:
+            click.echo(
+                f"  ... and {len(result.skipped) - 20} more ('featcache info --skipped' lists all)", err=True
+            )
+
+
 def _printable(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -277,7 +283,6 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
     accuracy is refit on all labelled images and saved with its report.
     """
     from featcache.fit import fit as run_fit
-    from featcache.report import families_table, per_class_table
 
     result = run_fit(
         features,
@@ -287,11 +292,20 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
         seed=seed,
         on_progress=lambda msg: click.echo(msg, err=True),
     )
+    _echo_fit(result, cv, seed)
+
+
+def _echo_fit(result, cv: int, seed: int, per_class: bool = True) -> None:
+    from featcache.report import families_table, per_class_table
+
     report = result.report
     click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {cv}-fold CV (seed {seed})")
     click.echo(families_table(report))
-    click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
-    click.echo(per_class_table(report["per_class"]))
+    if per_class:
+        click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
+        click.echo(per_class_table(report["per_class"]))
+    else:
+        click.echo(f"best: {report['best']}, refit on all {report['n_images']} images")
     click.echo(f"\nmodel   {result.model_path}")
     click.echo(f"report  {result.report_path}")
     click.echo(f"matrix  {result.confusion_path}")
@@ -309,9 +323,13 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None
     data (embedded on the fly, nothing written). Prints accuracy, macro-F1 and a per-class table.
     """
     from featcache.fit import evaluate as run_evaluate
+
+    _echo_evaluation(source, run_evaluate(source, model_path, batch_size=batch_size, device=device))
+
+
+def _echo_evaluation(source: str, ev) -> None:
     from featcache.report import per_class_table
 
-    ev = run_evaluate(source, model_path, batch_size=batch_size, device=device)
     click.echo(f"{source}: {ev.n_images} labelled images")
     click.echo(f"accuracy  {100 * ev.accuracy:.2f} %")
     click.echo(f"macro-F1  {100 * ev.macro_f1:.2f} %")
@@ -336,25 +354,155 @@ def predict(
     An image that cannot be read gets an error line; the others are still predicted, and the
     exit status is then 1.
     """
-    import json
-
     from featcache.predictor import Predictor
 
     predictor = Predictor.load(model_path, device=device, batch_size=batch_size)
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None
-        if as_json:
-            click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))
-        elif p.error is not None:
-            click.echo(f"error: {_printable(p.path)}: {p.error}", err=True)
-        else:
-            ranked = "  ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top_k)
-            category = f"  [{p.category}]" if p.category else ""
-            click.echo(f"{_printable(p.path)}\t{ranked}{category}")
+        _echo_prediction(p, as_json)
     if failed:
         click.echo(f"{failed} input(s) could not be read", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", default="embedding.png", show_default=True, help="PNG file to write.")
+@click.option(
+    "--method",
+    type=click.Choice(["tsne", "pca"]),
+    default="tsne",
+    show_default=True,
+    help="t-SNE shows clusters (neighbours stay neighbours); PCA is faster and keeps distances linear.",
+)
+@click.option(
+    "--max-points",
+    type=click.IntRange(min=3),
+    default=3000,
+    show_default=True,
+    help="Larger caches are drawn from a random sample of this many images.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
+def plot(features: str, output: str, method: str, max_points: int, seed: int) -> None:
+    """Draw a 2-D map of a feature cache, one colour per class.
+
+    Classes that form tight, separate clusters are easy for a linear classifier; overlapping
+    ones are where its mistakes will be.
+    """
+    from featcache.report import plot_embedding
+
+    click.echo(f"{plot_embedding(features, output, method=method, max_points=max_points, seed=seed)}")
+
+
+@cli.command()
+@click.option(
+    "--workdir",
+    default="featcache-demo",
+    show_default=True,
+    help="Folder for the demo's copy of the images, its cache, model and pictures (created if needed).",
+)
+@click.option(
+    "--backbone",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Backbone to extract with; efficientnet_lite0's weights are installed with featcache, so it "
+    "works offline.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def demo(workdir: str, backbone: str, quiet: bool) -> None:
+    """Run the whole job on the embedded demo data: extract, fit, evaluate, predict, plot.
+
+    600 Fashion-MNIST images of 10 classes of clothing (MIT licence) ship with featcache: 400 to
+    train on, 200 held out. Everything is written under --workdir; rerun the printed commands
+    there to try the options.
+    """
+    import time
+
+    start = time.perf_counter()
+    import dataclasses
+    import os
+
+    from featcache import demo as demo_data
+    from featcache.extract import extract as run_extract
+    from featcache.fit import evaluate as run_evaluate
+    from featcache.fit import fit as run_fit
+    from featcache.predictor import Predictor
+    from featcache.report import plot_embedding
+
+    work = Path(workdir)
+    data = demo_data.copy_data(work / "data")
+    n_train, n_test = data.count("train"), data.count("test")
+    n_classes = sum(1 for p in data.train.iterdir() if p.is_dir())
+
+    def step(k: int, what: str, command: str) -> None:
+        click.echo("\n" + click.style(f"[{k}/5] {what}", bold=True))
+        click.echo(f"      $ {command}")
+
+    click.echo(
+        click.style("featcache demo", bold=True) + f": {n_train} training and {n_test} held-out "
+        f"Fashion-MNIST images of {n_classes} classes, copied to {data.root}"
+    )
+    if backbone == demo_data.BACKBONE:
+        click.echo(
+            f"Backbone {backbone}: its ImageNet weights are installed with featcache, so the demo runs "
+            "offline.\nThe default backbone, mobilenet_v2, downloads its ImageNet weights (14 MB) once, "
+            "on a machine with internet."
+        )
+    click.echo(f"The commands shown run the same steps from {work}/ .")
+
+    step(1, f"Extract: embed the {n_train} training images once", f"featcache extract data/train "
+         f"--backbone {backbone} --labels data/labels.json")  # fmt: skip
+    bar = _ProgressBar("extract", quiet)
+    try:
+        extracted = run_extract(data.train, work / "features.h5", backbone=backbone, labels=data.labels,
+                                on_progress=bar.update)  # fmt: skip
+    finally:
+        bar.close()
+    _echo_extract(extracted)
+
+    step(2, "Fit: cross-validate three classifier families on the cache, keep the best", "featcache fit")
+    say = lambda message: click.echo(message, err=True)  # noqa: E731
+    fitted = run_fit(work / "features.h5", output=work / "models", on_progress=say)
+    _echo_fit(fitted, cv=5, seed=0, per_class=False)
+
+    step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test")
+    _echo_evaluation(str(data.test), run_evaluate(data.test, work / "models" / "best.joblib"))
+
+    picks = demo_data.examples(data.test)
+    shown = [os.path.relpath(p, work) for p in picks]
+    step(4, "Predict a few held-out images", "featcache predict " + " ".join(shown[:2]) + " ...")
+    predictor = Predictor.load(work / "models" / "best.joblib")
+    names = dict(zip(predictor.folders, predictor.classes, strict=True))
+    for p, rel, path in zip(predictor.predict_files(picks), shown, picks, strict=True):
+        truth = names.get(path.parent.name, path.parent.name)
+        verdict = "" if p.error else "  right" if p.label == truth else f"  WRONG, it is {truth}"
+        _echo_prediction(dataclasses.replace(p, path=rel), suffix=verdict)
+
+    step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot -o embedding.png")
+    click.echo(plot_embedding(work / "features.h5", work / "embedding.png"))
+
+    click.echo("\n" + click.style(f"Done in {time.perf_counter() - start:.0f} s.", bold=True)
+               + f" Everything is in {work}/:")  # fmt: skip
+    for name, what in [
+        ("data/", "the demo images (train/, test/) and labels.json"),
+        ("features.h5", "the feature cache ('featcache info' describes it)"),
+        ("models/best.joblib", "the model, with its manifest, report.json and confusion_matrix.png"),
+        ("embedding.png", "the map of the cache"),
+    ]:
+        click.echo(f"  {name:20} {what}")
+    click.echo("On your own images: featcache extract DATA_DIR && featcache fit && featcache predict IMAGE")
+
+
+def _echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
+    if as_json:
+        click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))
+    elif p.error is not None:
+        click.echo(f"error: {_printable(p.path)}: {p.error}", err=True)
+    else:
+        ranked = "  ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top_k)
+        category = f"  [{p.category}]" if p.category else ""
+        click.echo(f"{_printable(p.path)}\t{ranked}{category}{suffix}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

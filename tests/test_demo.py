@@ -1,0 +1,99 @@
+"""The embedded demo data and `featcache demo`, run as a newcomer would run it."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache import demo
+from featcache.cache import read_cache
+from featcache.dataset import load_label_map, scan
+from featcache.testing import run_featcache
+
+CLASSES = ["bag", "boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt"]
+
+
+def test_demo_data_is_complete_labelled_licensed_and_small():
+    files = [p for p in demo.DATA.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 1_000_000
+    for split, per_class in (("train", 40), ("test", 20)):
+        ds = scan(demo.DATA / split)
+        assert ds.classes == CLASSES and not ds.unreadable
+        assert np.bincount([f.label for f in ds.files]).tolist() == [per_class] * 10
+    for p in demo.DATA.glob("*/*/*.png"):
+        with Image.open(p) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "L", (28, 28)), p
+    train = {p.name for p in (demo.DATA / "train").rglob("*.png")}
+    test = {p.name for p in (demo.DATA / "test").rglob("*.png")}
+    assert len(train) == 400 and len(test) == 200  # no two files of a split share an index
+    lm = load_label_map(demo.DATA / "labels.json")
+    assert sorted(lm.names) == CLASSES and sorted(lm.categories) == CLASSES
+    assert lm.display("boot") == "Ankle boot" and lm.category("boot") == "footwear"
+    licence = (demo.DATA / "LICENSE").read_text()
+    assert "Zalando SE" in licence and "MIT" in licence
+    assert "fashion-mnist" in (demo.DATA / "README.md").read_text()
+
+
+def test_examples_are_distinct_classes_and_seeded():
+    picks = demo.examples(demo.DATA / "test", n=6, seed=3)
+    assert len({p.parent.name for p in picks}) == 6
+    assert picks == demo.examples(demo.DATA / "test", n=6, seed=3)
+    many = demo.examples(demo.DATA / "test", n=25)
+    assert len(set(many)) == 25 and len({p.parent.name for p in many}) == 10
+
+
+def test_copy_keeps_times_and_the_users_files(tmp_path):
+    copy = demo.copy_data(tmp_path / "data")
+    mine = copy.train / "bag" / "mine.png"
+    mine.write_bytes(next((copy.train / "bag").iterdir()).read_bytes())
+    again = demo.copy_data(tmp_path / "data")
+    assert again == copy and mine.is_file()
+    assert again.count("train") == 401 and again.count("test") == 200
+    src = demo.DATA / "test" / "coat" / sorted(p.name for p in (demo.DATA / "test" / "coat").iterdir())[0]
+    dst = again.test / "coat" / src.name
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns and dst.read_bytes() == src.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo") / "work"
+    first = run_featcache(["demo", "--workdir", work, "-q"])
+    second = run_featcache(["demo", "--workdir", work, "-q"])
+    return work, first, second
+
+
+def test_demo_runs_the_whole_job_offline(demo_runs):
+    work, first, _ = demo_runs
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert "efficientnet_lite0" in out and "mobilenet_v2" in out and "[5/5]" in out
+    assert "Traceback" not in first.stderr
+    assert re.search(r"computed 400, reused 0", out)
+    families = re.findall(r"^(logreg|linsvm|softmax) +(\d+\.\d+) ± ", out, re.M)
+    assert [f for f, _ in families] == ["logreg", "linsvm", "softmax"]
+    held_out = float(re.search(r"^accuracy +(\d+\.\d+) %", out, re.M).group(1))
+    assert held_out >= 75, out  # efficientnet_lite0 + a linear model on 40 images per class
+    report = json.loads((work / "models" / "report.json").read_text())
+    assert report["n_images"] == 400 and report["n_classes"] == 10
+    cache = read_cache(work / "features.h5")
+    assert len(cache) == 400 and cache.label_map.display("boot") == "Ankle boot"
+    line = r"^data/test/(\w+)/\d+\.png\t(.+?) \d+\.\d%  \[(\w+)\]  (right|WRONG)"
+    predictions = re.findall(line, out, re.M)
+    assert len(predictions) == 6
+    folder_of = {name: folder for folder, name in cache.label_map.names.items()}
+    for folder, label, category, verdict in predictions:
+        assert (verdict == "right") == (label == cache.label_map.display(folder))
+        assert category == cache.label_map.category(folder_of[label])
+    for png in (work / "embedding.png", work / "models" / "confusion_matrix.png"):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and min(im.size) >= 500
+
+
+def test_demo_rerun_reuses_the_cache(demo_runs):
+    _, first, second = demo_runs
+    assert second.returncode == 0, second.stderr
+    assert "computed 0, reused 400" in second.stdout and "(unchanged)" in second.stdout
+    accuracy = [re.search(r"^accuracy +(\S+) %", r.stdout, re.M).group(1) for r in (first, second)]
+    assert accuracy[0] == accuracy[1]
