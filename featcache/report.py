@@ -49,15 +49,30 @@ def _label(row: dict[str, Any]) -> str:
     return row["class"] if row["name"] == row["class"] else f"{row['class']} {row['name']}"
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    """Lay out ``fig``, write it whole to ``path`` as PNG, and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return path
+
+
 def save_confusion_png(
     matrix: np.ndarray, names: list[str], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """Draw a confusion matrix (rows: true class, columns: predicted), readable up to a few dozen classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(names)
     side = max(5.0, 0.38 * n + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=110)
@@ -77,12 +92,7 @@ def save_confusion_png(
     if title:
         ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    path = Path(path)
-    with replaced_atomically(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 PLOT_METHODS = ("tsne", "pca")
@@ -112,12 +122,9 @@ def save_embedding_png(
 ) -> Path:
     """Draw 2-D points coloured by class (``labels`` index ``names``; -1 is unlabelled, in grey),
     each class named at its median, with a legend beside the map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.patheffects as pe
-    import matplotlib.pyplot as plt
 
+    plt = _pyplot()
     n = len(names)
     colours = plt.get_cmap("tab10").colors
     markers = "os^DvPX*"
@@ -144,12 +151,7 @@ def save_embedding_png(
         ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, markerscale=1.5,
               handletextpad=0.3, borderaxespad=0)  # fmt: skip
-    fig.tight_layout()
-    path = Path(path)
-    with replaced_atomically(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_embedding(
