@@ -409,13 +409,16 @@ def plot(features: str, output: str, method: str, max_points: int, seed: int) ->
     help="Backbone to extract with; efficientnet_lite0's weights are installed with featcache, so it "
     "works offline.",
 )
+@click.option(
+    "--weights", default=None, help="Weights name or file for --backbone (default: its first weights)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def demo(workdir: str, backbone: str, quiet: bool) -> None:
+def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     """Run the whole job on the embedded demo data: extract, fit, evaluate, predict, plot.
 
     600 Fashion-MNIST images of 10 classes of clothing (MIT licence) ship with featcache: 400 to
     train on, 200 held out. Everything is written under --workdir; rerun the printed commands
-    there to try the options.
+    there to try the options. A --workdir that holds files the demo did not make is refused.
     """
     import time
 
@@ -424,6 +427,7 @@ def demo(workdir: str, backbone: str, quiet: bool) -> None:
     import os
 
     from featcache import demo as demo_data
+    from featcache.errors import CacheMismatchError
     from featcache.extract import extract as run_extract
     from featcache.fit import evaluate as run_evaluate
     from featcache.fit import fit as run_fit
@@ -431,7 +435,7 @@ def demo(workdir: str, backbone: str, quiet: bool) -> None:
     from featcache.report import plot_embedding
 
     work = Path(workdir)
-    data = demo_data.copy_data(work / "data")
+    data = demo_data.prepare_workdir(work)
     n_train, n_test = data.count("train"), data.count("test")
     n_classes = sum(1 for p in data.train.iterdir() if p.is_dir())
 
@@ -451,14 +455,22 @@ def demo(workdir: str, backbone: str, quiet: bool) -> None:
         )
     click.echo(f"The commands shown run the same steps from {work}/ .")
 
-    step(1, f"Extract: embed the {n_train} training images once", f"featcache extract data/train "
-         f"--backbone {backbone} --labels data/labels.json")  # fmt: skip
-    bar = _ProgressBar("extract", quiet)
+    options = f"--backbone {backbone}" + (f" --weights {weights}" if weights else "")
+    step(1, f"Extract: embed the {n_train} training images once",
+         f"featcache extract data/train {options} --labels data/labels.json")  # fmt: skip
+    def run(overwrite: bool):
+        bar = _ProgressBar("extract", quiet)
+        try:
+            return run_extract(data.train, work / "features.h5", backbone=backbone, weights=weights,
+                               labels=data.labels, overwrite=overwrite, on_progress=bar.update)  # fmt: skip
+        finally:
+            bar.close()
+
     try:
-        extracted = run_extract(data.train, work / "features.h5", backbone=backbone, labels=data.labels,
-                                on_progress=bar.update)  # fmt: skip
-    finally:
-        bar.close()
+        extracted = run(overwrite=False)
+    except CacheMismatchError:  # the demo's cache of another backbone: the demo's to replace
+        click.echo("      (replacing the cache made with another backbone)")
+        extracted = run(overwrite=True)
     _echo_extract(extracted)
 
     step(2, "Fit: cross-validate three classifier families on the cache, keep the best", "featcache fit")

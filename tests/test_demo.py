@@ -10,6 +10,7 @@ from PIL import Image
 from featcache import demo
 from featcache.cache import read_cache
 from featcache.dataset import load_label_map, scan
+from featcache.errors import FeatcacheError
 from featcache.testing import run_featcache
 
 CLASSES = ["bag", "boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt"]
@@ -97,3 +98,20 @@ def test_demo_rerun_reuses_the_cache(demo_runs):
     assert "computed 0, reused 400" in second.stdout and "(unchanged)" in second.stdout
     accuracy = [re.search(r"^accuracy +(\S+) %", r.stdout, re.M).group(1) for r in (first, second)]
     assert accuracy[0] == accuracy[1]
+
+
+def test_workdir_of_someone_else_is_refused(tmp_path):
+    mine = tmp_path / "project"
+    (mine / "models").mkdir(parents=True)
+    (mine / "features.h5").write_bytes(b"the user's cache")
+    with pytest.raises(FeatcacheError, match="did not make: choose another --workdir"):
+        demo.prepare_workdir(mine)
+    with pytest.raises(FeatcacheError, match="is not a folder"):
+        demo.prepare_workdir(mine / "features.h5")
+    assert sorted(p.name for p in mine.iterdir()) == ["features.h5", "models"]
+    assert (mine / "features.h5").read_bytes() == b"the user's cache"
+    result = run_featcache(["demo", "--workdir", mine])
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    fresh = demo.prepare_workdir(tmp_path / "new" / "demo")
+    assert fresh.count("train") == 400 and (tmp_path / "new" / "demo" / demo.MARKER).is_file()
+    assert demo.prepare_workdir(tmp_path / "new" / "demo") == fresh  # its own folder: accepted again

@@ -10,7 +10,7 @@ from PIL import Image
 
 from featcache import images
 from featcache.cache import read_cache
-from featcache.errors import FeatcacheError
+from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.extract import extract
 from featcache.images import load_pixels
 
@@ -78,7 +78,7 @@ def test_rerun_computes_nothing_and_follows_changes(dataset, tmp_path):
 def test_other_settings_are_never_mixed(dataset, tmp_path):
     out = tmp_path / "features.h5"
     extract(dataset, out, **LITE)
-    with pytest.raises(FeatcacheError, match="made differently.*pool: avg vs max.*--overwrite"):
+    with pytest.raises(CacheMismatchError, match="made differently.*pool: avg vs max.*--overwrite"):
         extract(dataset, out, pool="max", **LITE)
     with pytest.raises(FeatcacheError, match="dtype: float32 vs float16"):
         extract(dataset, out, dtype="float16", **LITE)
