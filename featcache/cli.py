@@ -453,11 +453,12 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
             "offline.\nThe default backbone, mobilenet_v2, downloads its ImageNet weights (14 MB) once, "
             "on a machine with internet."
         )
-    click.echo(f"The commands shown run the same steps from {work}/ .")
+    click.echo(f"Each step shows the command that does the same from inside {work}/")
 
     options = f"--backbone {backbone}" + (f" --weights {weights}" if weights else "")
     step(1, f"Extract: embed the {n_train} training images once",
          f"featcache extract data/train {options} --labels data/labels.json")  # fmt: skip
+
     def run(overwrite: bool):
         bar = _ProgressBar("extract", quiet)
         try:
@@ -474,8 +475,9 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     _echo_extract(extracted)
 
     step(2, "Fit: cross-validate three classifier families on the cache, keep the best", "featcache fit")
-    say = lambda message: click.echo(message, err=True)  # noqa: E731
-    fitted = run_fit(work / "features.h5", output=work / "models", on_progress=say)
+    fitted = run_fit(
+        work / "features.h5", output=work / "models", on_progress=lambda m: click.echo(m, err=True)
+    )
     _echo_fit(fitted, cv=5, seed=0, per_class=False)
 
     step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test")
