@@ -44,7 +44,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     A frozen ImageNet CNN embeds every image once into an HDF5 cache (extract); classical
     classifiers are cross-validated on that cache (fit); the best one classifies new images
-    (predict).
+    (predict). New here? 'featcache demo' runs it all on images that ship with featcache.
     """
     ctx.obj = {"debug": debug}
 
