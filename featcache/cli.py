@@ -292,14 +292,15 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
         seed=seed,
         on_progress=lambda msg: click.echo(msg, err=True),
     )
-    _echo_fit(result, cv, seed)
+    _echo_fit(result)
 
 
-def _echo_fit(result, cv: int, seed: int, per_class: bool = True) -> None:
+def _echo_fit(result, per_class: bool = True) -> None:
     from featcache.report import families_table, per_class_table
 
     report = result.report
-    click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {cv}-fold CV (seed {seed})")
+    click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {report['cv']}-fold CV "
+               f"(seed {report['seed']})")  # fmt: skip
     click.echo(families_table(report))
     if per_class:
         click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
@@ -478,7 +479,7 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     fitted = run_fit(
         work / "features.h5", output=work / "models", on_progress=lambda m: click.echo(m, err=True)
     )
-    _echo_fit(fitted, cv=5, seed=0, per_class=False)
+    _echo_fit(fitted, per_class=False)
 
     step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test")
     _echo_evaluation(str(data.test), run_evaluate(data.test, work / "models" / "best.joblib"))
