@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
 from fashion import write_folder  # noqa: E402
 
 from featcache.extract import extract  # noqa: E402
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction precision")
     args = parser.parse_args()
+    print(cpu_line(), flush=True)
 
     work = args.workdir
     train_dir = write_folder(work / f"train{args.per_class}", "train", args.per_class)

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from cpu import cpu_line
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -47,12 +48,12 @@ def run_naive(data: Path, backbone: str, weights: str | None, out: Path) -> dict
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from featcache.backbones import create_backbone
+    from featcache.backbones.build import build_backbone
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # only for its unmodified model and preprocessing
-        net = create_backbone(backbone, weights, optimize=False)
+        net = build_backbone(backbone, weights=weights, optimize=False)
     model, entry, prep = net.model, net.entry, net.preprocessing
     tf = transforms.Compose(
         [
@@ -152,6 +153,7 @@ def main() -> None:
     for hidden in ("--data", "--backbone", "--weights", "--out", "--extra"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    print(cpu_line(), flush=True)
     if args.child:
         return _child(args)
 

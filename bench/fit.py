@@ -21,11 +21,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache.backbones.registry import BackboneIdentity  # noqa: E402
+from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+
+from featcache.backbones import (
+    BackboneIdentity,  # noqa: E402
+    Preprocessing,  # noqa: E402
+)
 from featcache.cache import FeatureCache, write_cache  # noqa: E402
 from featcache.dataset import load_label_map  # noqa: E402
 from featcache.fit import fit  # noqa: E402
-from featcache.images import Preprocessing  # noqa: E402
 
 
 def course_sized_cache(path: Path, n: int = 2600, d: int = 1280, c: int = 26, seed: int = 0) -> Path:
@@ -47,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, help="keep the model, report and confusion matrix here")
     args = parser.parse_args()
+    print(cpu_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache = course_sized_cache(Path(tmp) / "features.h5")
         X = np.abs(np.random.default_rng(1).normal(size=(2600, 1280))).astype(np.float32)

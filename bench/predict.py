@@ -28,6 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+
 from featcache.extract import extract  # noqa: E402
 from featcache.fit import fit  # noqa: E402
 from featcache.predictor import Predictor  # noqa: E402
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100, help="warm calls per backbone")
     parser.add_argument("--cold-runs", type=int, default=5, help="fresh processes per command")
     args = parser.parse_args()
+    print(cpu_line(), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-predict-"))
     try:

@@ -6,10 +6,10 @@
   recovers when the rerun's cache equals the uninterrupted run's. Then a kill just before and
   just after every file rename an update does, and the same for ``featcache fit`` replacing a
   model (the model must load after every kill: the old one, or the new one whole).
-- hostile inputs: the corpus of :func:`featcache.testing.hostile_corpus` through ``extract``
+- hostile inputs: the corpus of :func:`support.hostile_corpus` through ``extract``
   and ``predict`` (file by file, and the folder); a crash is a traceback, a hang, or an exit
   status other than 0 (extract) or 1 (predict: some inputs unreadable).
-- tampered models: the copies of :func:`featcache.testing.tampered_models` given to
+- tampered models: the copies of :func:`support.tampered_models` given to
   ``featcache predict``/``evaluate``; each must be refused with one ``error:`` line and run no code.
 - concurrency: predictors started together on one bundle with no saved trace; a reader polling
   the cache while extract updates it.
@@ -35,10 +35,10 @@ from pathlib import Path
 import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fault injection in tests/support
 
-from featcache.bundle import load_bundle  # noqa: E402
-from featcache.cache import read_cache  # noqa: E402
-from featcache.testing import (  # noqa: E402
+from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+from support import (  # noqa: E402
     PWNED,
     can_honour_permissions,
     hostile_corpus,
@@ -48,6 +48,9 @@ from featcache.testing import (  # noqa: E402
     start_featcache,
     tampered_models,
 )
+
+from featcache.bundle import load_bundle  # noqa: E402
+from featcache.cache import read_cache  # noqa: E402
 
 BACKBONE = ["--backbone", "efficientnet_lite0"]
 
@@ -316,6 +319,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--workdir", help="keep the files here instead of a temporary folder")
     args = ap.parse_args()
+    print(cpu_line(), flush=True)
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="featcache-reliability-"))
     work.mkdir(parents=True, exist_ok=True)

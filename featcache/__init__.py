@@ -9,7 +9,7 @@ The Python API (heavy libraries load on first use, so ``import featcache`` stays
 
 from typing import Any
 
-__version__ = "0.1.0"
+from featcache._version import __version__
 
 __all__ = ["Predictor", "Prediction", "predict", "__version__"]
 

@@ -8,7 +8,7 @@ cannot make a bundle run code. Replacing a bundle never leaves a state in which 
 old nor the new model loads.
 
 The pipeline is pickled inside the bundle as bytes of its own, so a reader that needs only the
-plain parts (the identity, the classes, the linear head) does not import scikit-learn.
+plain parts (the identity, the class folders, the linear head) does not import scikit-learn.
 """
 
 from __future__ import annotations
@@ -21,18 +21,131 @@ import json
 import os
 import pickle
 import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
 from joblib.numpy_pickle import NumpyUnpickler
 
-from featcache import __version__
+from featcache._version import __version__
+from featcache.backbones.identity import BackboneIdentity
+from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
+from featcache.head import LinearHead
 
 FORMAT = "featcache-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MODEL_FILE = "best.joblib"
+DEFAULT_MODEL = f"models/{MODEL_FILE}"
+
+
+@dataclass(eq=False)
+class ModelBundle:
+    """A fitted model with everything needed to apply it.
+
+    ``folders`` are the class folder names in the column order of :meth:`predict_proba`, and
+    ``names`` their display names from ``label_map``. ``identity`` is the backbone the features
+    came from and ``feature_dtype`` how they were stored. ``head`` is the pipeline as plain
+    NumPy arrays (present when it reproduces the pipeline), so predicting needs no scikit-learn;
+    ``pipeline`` is the fitted scikit-learn pipeline, unpickled on first use.
+    """
+
+    family: str
+    folders: list[str]
+    identity: BackboneIdentity
+    label_map: LabelMap = field(default_factory=LabelMap)
+    feature_dtype: str = "float32"
+    head: LinearHead | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    featcache_version: str = __version__
+    pipeline_pickle: bytes | None = field(default=None, repr=False)
+    _pipeline: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head is not None and self.head.n_classes != len(self.folders):
+            raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
+
+    @classmethod
+    def with_pipeline(cls, pipeline: Any, **fields: Any) -> ModelBundle:
+        """A bundle holding the fitted ``pipeline`` (pickled now, so that it is saved as fitted)."""
+        inner = io.BytesIO()
+        joblib.dump(pipeline, inner)
+        bundle = cls(**fields, pipeline_pickle=inner.getvalue())
+        bundle._pipeline = pipeline
+        return bundle
+
+    @property
+    def names(self) -> list[str]:
+        return [self.label_map.display(f) for f in self.folders]
+
+    @property
+    def pipeline(self) -> Any:
+        """The fitted scikit-learn pipeline (unpickled with the allowlist on first use)."""
+        if self._pipeline is None:
+            if self.pipeline_pickle is None:
+                raise FeatcacheError("the model bundle holds no pipeline")
+            try:
+                pipeline = safe_load(self.pipeline_pickle)
+            except UnsafePickleError as e:
+                raise FeatcacheError(f"refusing to load the model's pipeline: {e}") from None
+            except Exception as e:  # noqa: BLE001 - the file was verified, so this is a version mismatch
+                raise FeatcacheError(
+                    f"the model's pipeline cannot be loaded ({type(e).__name__}: {e})"
+                ) from None
+            if [str(c) for c in pipeline.classes_] != self.folders:
+                raise FeatcacheError(
+                    "the model bundle is inconsistent: its classes differ from its pipeline's"
+                )
+            self._pipeline = pipeline
+        return self._pipeline
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """N×D features → N×K class probabilities (float64), columns in the order of ``folders``."""
+        if self.head is not None:
+            return self.head.predict_proba(features)
+        return np.asarray(self.pipeline.predict_proba(features), dtype=np.float64)
+
+    def predict(self, features: np.ndarray) -> list[str]:
+        """The most probable class folder of each row of N×D features."""
+        return [self.folders[i] for i in self.predict_proba(features).argmax(axis=1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle as plain types (what is pickled)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "folders": list(self.folders),
+            "identity": self.identity.to_dict(),
+            "label_map": self.label_map.to_dict(),
+            "feature_dtype": self.feature_dtype,
+            "head": self.head.to_dict() if self.head is not None else None,
+            "report": self.report,
+            "created": self.created,
+            "featcache_version": self.featcache_version,
+            "pipeline_pickle": self.pipeline_pickle,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelBundle:
+        """Read :meth:`to_dict`'s form, and format 2's (which called the folders ``classes``)."""
+        return cls(
+            family=d["family"],
+            folders=[str(f) for f in d["folders" if "folders" in d else "classes"]],
+            identity=BackboneIdentity.from_dict(d["identity"]),
+            label_map=LabelMap.from_dict(d.get("label_map")),
+            feature_dtype=d.get("feature_dtype", "float32"),
+            head=LinearHead.from_dict(d["head"]) if d.get("head") else None,
+            report=d.get("report", {}),
+            created=d.get("created", ""),
+            featcache_version=d.get("featcache_version", ""),
+            pipeline_pickle=d.get("pipeline_pickle"),
+        )
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
@@ -41,17 +154,18 @@ def manifest_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".manifest.json")
 
 
-def save_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> str:
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/best.joblib`` when ``path`` is a folder (what ``fit`` wrote)."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def save_bundle(bundle: ModelBundle, path: str | os.PathLike) -> str:
     """Write ``bundle`` to ``path`` with its manifest; return the file's SHA-256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bundle = dict(bundle)
-    if "pipeline" in bundle:
-        inner = io.BytesIO()
-        joblib.dump(bundle.pop("pipeline"), inner)
-        bundle["pipeline_pickle"] = inner.getvalue()
     buf = io.BytesIO()
-    joblib.dump({"format": FORMAT, "format_version": FORMAT_VERSION, **bundle}, buf, compress=3)
+    joblib.dump(bundle.to_dict(), buf, compress=3)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     mpath = manifest_path(path)
@@ -63,14 +177,12 @@ def save_bundle(bundle: dict[str, Any], path: str | os.PathLike) -> str:
     return digest
 
 
-def load_bundle(path: str | os.PathLike, pipeline: bool = True) -> dict[str, Any]:
-    """Check ``path`` against its manifest, then unpickle it; a clear error for anything else.
-
-    With ``pipeline`` false, the scikit-learn pipeline stays pickled (see :func:`bundle_pipeline`).
-    """
-    path = Path(path)
+def load_bundle(path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
+    """Check ``path`` (a model file, or the folder ``fit`` wrote) against its manifest, then
+    unpickle it; a clear error for anything else. The pipeline stays pickled until it is used."""
+    path = resolve_model_path(path)
     if not path.is_file():
-        raise FeatcacheError(f"{path}: no such model (run 'featcache fit' first, or pass --model-path)")
+        raise FeatcacheError(f"{path}: no such model (fit one first, or pass model_path=PATH)")
     mpath = manifest_path(path)
     if not mpath.is_file():
         raise FeatcacheError(
@@ -87,34 +199,21 @@ def load_bundle(path: str | os.PathLike, pipeline: bool = True) -> dict[str, Any
             "refusing to unpickle it"
         )
     try:
-        bundle = safe_load(data)
+        content = safe_load(data)
     except UnsafePickleError as e:
         raise FeatcacheError(f"{path}: refusing to load it: {e}") from None
     except Exception as e:  # noqa: BLE001 - a verified file that still fails to load
         raise FeatcacheError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise FeatcacheError(f"{path}: not a featcache model")
-    if bundle.get("format_version", 0) > FORMAT_VERSION:
+    if content.get("format_version", 0) > FORMAT_VERSION:
         raise FeatcacheError(
-            f"{path}: made by a newer featcache ({bundle.get('featcache_version')}); upgrade"
+            f"{path}: made by a newer featcache ({content.get('featcache_version')}); upgrade"
         )
-    if pipeline and "pipeline_pickle" in bundle:
-        bundle["pipeline"] = bundle_pipeline(bundle)
-    return bundle
-
-
-def bundle_pipeline(bundle: dict[str, Any]) -> Any:
-    """The fitted scikit-learn pipeline of a bundle from :func:`load_bundle` (unpickled on first use)."""
-    if "pipeline" not in bundle:
-        if "pipeline_pickle" not in bundle:
-            raise FeatcacheError("the model bundle holds no pipeline")
-        try:
-            bundle["pipeline"] = safe_load(bundle["pipeline_pickle"])
-        except UnsafePickleError as e:
-            raise FeatcacheError(f"refusing to load the model's pipeline: {e}") from None
-        except Exception as e:  # noqa: BLE001 - the file was verified, so this is a version mismatch
-            raise FeatcacheError(f"the model's pipeline cannot be loaded ({type(e).__name__}: {e})") from None
-    return bundle["pipeline"]
+    try:
+        return ModelBundle.from_dict(content)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FeatcacheError(f"{path}: not a complete featcache model ({type(e).__name__}: {e})") from None
 
 
 def _manifest(path: Path, digest: str, size: int, previous: str | None) -> bytes:

@@ -15,15 +15,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featcache import __version__
-from featcache.backbones.registry import BackboneIdentity
+from featcache._version import __version__
+from featcache.backbones.identity import BackboneIdentity
+from featcache.choices import DTYPES
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
 
 FORMAT = "featcache-features"
 FORMAT_VERSION = 1
-DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -31,8 +31,9 @@ class FeatureCache:
     """The contents of a feature cache, in memory.
 
     Row ``i`` is the image ``paths[i]`` (relative to ``data_root``, ``/``-separated), with class
-    index ``labels[i]`` into ``classes`` (-1 when unlabelled), embedding ``features[i]``, and the
-    file's ``sizes[i]``/``mtimes_ns[i]`` when it was read. ``skipped`` lists ``(path, reason)``.
+    index ``labels[i]`` into the class folder names ``folders`` (-1 when unlabelled), embedding
+    ``features[i]``, and the file's ``sizes[i]``/``mtimes_ns[i]`` when it was read. ``skipped``
+    lists ``(path, reason)``.
     """
 
     features: np.ndarray
@@ -40,7 +41,7 @@ class FeatureCache:
     paths: list[str]
     sizes: np.ndarray
     mtimes_ns: np.ndarray
-    classes: list[str]
+    folders: list[str]
     identity: BackboneIdentity
     label_map: LabelMap = field(default_factory=LabelMap)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -53,16 +54,16 @@ class FeatureCache:
         return len(self.paths)
 
     @property
-    def class_names(self) -> list[str]:
+    def names(self) -> list[str]:
         """Display names of the classes (from the label map when there is one)."""
-        return [self.label_map.display(c) for c in self.classes]
+        return [self.label_map.display(c) for c in self.folders]
 
     def same_content(self, other: FeatureCache) -> bool:
-        """Whether ``other`` holds the same rows, files, classes, skip records and labels (the
+        """Whether ``other`` holds the same rows, files, class folders, skip records and labels (the
         creation time and featcache version aside)."""
         return (
             self.paths == other.paths
-            and self.classes == other.classes
+            and self.folders == other.folders
             and self.skipped == other.skipped
             and self.label_map == other.label_map
             and self.data_root == other.data_root
@@ -73,8 +74,9 @@ class FeatureCache:
         )
 
     def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
-        return dict(zip(self.classes, counts.tolist(), strict=True))
+        """Labelled images per class folder."""
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.folders))
+        return dict(zip(self.folders, counts.tolist(), strict=True))
 
 
 def _encode(paths: list[str]) -> np.ndarray:
@@ -100,7 +102,7 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
             f.create_dataset("paths", data=_encode(cache.paths))
             f.create_dataset("file_size", data=np.asarray(cache.sizes, dtype=np.int64))
             f.create_dataset("file_mtime_ns", data=np.asarray(cache.mtimes_ns, dtype=np.int64))
-            f.create_dataset("classes", data=np.array(cache.classes, dtype=object), dtype=str_dt)
+            f.create_dataset("classes", data=np.array(cache.folders, dtype=object), dtype=str_dt)
             g = f.create_group("skipped")
             g.create_dataset("paths", data=_encode([p for p, _ in cache.skipped]))
             reasons = np.array([r for _, r in cache.skipped], dtype=object)
@@ -129,8 +131,10 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
 def read_cache(path: str | os.PathLike) -> FeatureCache:
     """Load a feature cache written by :func:`write_cache`; a clear error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise FeatcacheError(f"{path}: a folder, not a featcache feature cache")
     if not path.is_file():
-        raise FeatcacheError(f"{path}: no such feature cache (run 'featcache extract DATA_DIR' first)")
+        raise FeatcacheError(f"{path}: no such feature cache (extract one from an image folder first)")
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
@@ -154,7 +158,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 paths=_decode(f["paths"][()]),
                 sizes=f["file_size"][()],
                 mtimes_ns=f["file_mtime_ns"][()],
-                classes=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]],
+                folders=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]],
                 identity=BackboneIdentity.from_dict(json.loads(f.attrs["identity"])),
                 label_map=LabelMap.from_dict(json.loads(f.attrs["label_map"])),
                 skipped=skipped,

@@ -7,6 +7,7 @@ scikit-learn) are imported inside the commands so that ``featcache --help`` stay
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -14,9 +15,26 @@ from pathlib import Path
 
 import click
 
-from featcache import __version__
+from featcache import choices
+from featcache._version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Command(click.Command):
+    """A command that also takes ``--debug`` after its name (``main`` reads it from the arguments)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["--debug"], is_flag=True, expose_value=False, help="Show full tracebacks for errors."
+            )
+        )
+
+
+class _Group(click.Group):
+    command_class = _Command
 
 
 def _batch_size_option(help_text: str):
@@ -28,14 +46,14 @@ def _batch_size_option(help_text: str):
 def _device_option(help_text: str):
     return click.option(
         "--device",
-        type=click.Choice(["auto", "cpu", "cuda"]),
+        type=click.Choice(choices.DEVICES),
         default="auto",
         show_default=True,
         help=help_text,
     )
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="featcache")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.pass_context
@@ -69,21 +87,21 @@ def backbones() -> None:
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("data_dir")
 @click.option(
     "-o", "--output", default="features.h5", show_default=True, help="Feature cache to write or update."
 )
 @click.option(
     "--backbone",
-    default="mobilenet_v2",
-    show_default=True,
-    help="Backbone name (see 'featcache backbones'; any torchvision classifier works too).",
+    default=None,
+    help=f"Backbone name (see 'featcache backbones'; any torchvision classifier works too). "
+    f"Default: the one the existing cache records, else {choices.DEFAULT_BACKBONE}.",
 )
 @click.option(
     "--weights",
     default=None,
     help="Weights name (e.g. IMAGENET1K_V2), a weights file, or 'random' (tests only). "
-    "Default: the backbone's first weights.",
+    "Default: the cache's, else the backbone's first weights.",
 )
 @click.option(
     "--labels",
@@ -92,25 +110,23 @@ def backbones() -> None:
 )
 @click.option(
     "--pool",
-    type=click.Choice(["avg", "max", "avgmax"]),
-    default="avg",
-    show_default=True,
-    help="How the last feature map is pooled into one vector.",
+    type=click.Choice(choices.POOLS),
+    default=None,
+    help="How the last feature map is pooled into one vector. Default: the cache's, else avg.",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16"]),
-    default="float32",
-    show_default=True,
-    help="Storage type of the features (float16 halves the file).",
+    type=click.Choice(choices.DTYPES),
+    default=None,
+    help="Storage type of the features (float16 halves the file). Default: the cache's, else float32.",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
+    type=click.Choice(choices.PRECISIONS),
+    default=None,
     help="Arithmetic of the backbone: bf16 autocast is faster on CPUs with bfloat16 units and "
-    "on GPUs, and changes the features slightly (the model's predictions use the same).",
+    "on GPUs, and changes the features slightly (the model's predictions use the same). "
+    "Default: the cache's, else fp32.",
 )
 @_batch_size_option("Images per forward pass.")
 @click.option(
@@ -130,12 +146,12 @@ def backbones() -> None:
 def extract(
     data_dir: str,
     output: str,
-    backbone: str,
+    backbone: str | None,
     weights: str | None,
     labels: str | None,
-    pool: str,
-    dtype: str,
-    precision: str,
+    pool: str | None,
+    dtype: str | None,
+    precision: str | None,
     batch_size: int,
     workers: int,
     device: str,
@@ -172,7 +188,7 @@ def extract(
 
 
 @cli.command()
-@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("features", default="features.h5")
 @click.option("--skipped", "show_skipped", is_flag=True, help="List every skipped file with its reason.")
 def info(features: str, show_skipped: bool) -> None:
     """Describe a feature cache: images, classes, backbone identity, skipped files, size."""
@@ -186,7 +202,7 @@ def info(features: str, show_skipped: bool) -> None:
     size = os.path.getsize(features)
     n = len(cache)
     labelled = int((cache.labels >= 0).sum())
-    counts = f"{n} images ({labelled} labelled, {n - labelled} unlabelled), {len(cache.classes)} classes"
+    counts = f"{n} images ({labelled} labelled, {n - labelled} unlabelled), {len(cache.folders)} classes"
     click.echo(f"{features}: {counts}")
     click.echo(f"  backbone     {ident.backbone}, weights {ident.weights}")
     click.echo(f"  weights sha  {ident.weights_sha256}")
@@ -199,7 +215,7 @@ def info(features: str, show_skipped: bool) -> None:
     click.echo(f"  created      {cache.created} by featcache {cache.featcache_version}")
     per_image = f", {size / n / 1024:.2f} KiB per image" if n else ""
     click.echo(f"  size         {size / 1024 / 1024:.2f} MiB{per_image}")
-    if cache.classes:
+    if cache.folders:
         click.echo("  classes:")
         for folder, count in cache.class_counts().items():
             name, category = cache.label_map.display(folder), cache.label_map.category(folder)
@@ -214,22 +230,27 @@ def info(features: str, show_skipped: bool) -> None:
 
 
 class _ProgressBar:
-    """A tqdm bar driven by the library's progress callbacks."""
+    """tqdm bars driven by the library's progress callbacks: one per stage (download, extract)."""
 
     def __init__(self, desc: str, quiet: bool):
-        self.desc, self.quiet, self.bar = desc, quiet, None
+        self.desc, self.quiet, self.bar, self.stage = desc, quiet, None, None
 
     def update(self, progress) -> None:
         if self.quiet:
             return
-        if self.bar is None:
+        if self.bar is None or progress.stage != self.stage:
             from tqdm import tqdm
 
+            self.close()
+            self.stage = progress.stage
+            download = progress.stage == "download"
             self.bar = tqdm(
-                total=progress.total, initial=progress.done, desc=self.desc, unit="img", dynamic_ncols=True
-            )
+                total=progress.total, initial=progress.done, desc="weights" if download else self.desc,
+                unit="B" if download else "img", unit_scale=download, dynamic_ncols=True,
+            )  # fmt: skip
         self.bar.update(progress.done - self.bar.n)
-        self.bar.set_postfix(skipped=progress.skipped, refresh=False)
+        if progress.stage != "download":
+            self.bar.set_postfix(skipped=progress.skipped, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -259,10 +280,10 @@ def _printable(path: str) -> str:
 
 
 @cli.command()
-@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("features", default="features.h5")
 @click.option(
     "--model",
-    type=click.Choice(["logreg", "linsvm", "softmax", "all"]),
+    type=click.Choice(choices.MODELS),
     default="all",
     show_default=True,
     help="Model family to cross-validate; 'all' compares them and keeps the best.",
@@ -313,15 +334,21 @@ def _echo_fit(result, per_class: bool = True) -> None:
 
 
 @cli.command()
-@click.argument("source", type=click.Path(exists=True, path_type=str))
-@click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to score.")
+@click.argument("source")
+@click.option(
+    "--model-path",
+    default="models/best.joblib",
+    show_default=True,
+    help="Model bundle to score, or the folder 'fit -o' wrote.",
+)
 @_batch_size_option("Images per forward pass (image folders only).")
 @_device_option("Where the backbone runs (image folders only).")
 def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None:
     """Score a saved model on a feature cache or a labelled image folder.
 
     SOURCE is a cache made with the model's backbone, or a folder laid out like the training
-    data (embedded on the fly, nothing written). Prints accuracy, macro-F1 and a per-class table.
+    data (its images are classified exactly as 'predict' would, nothing is written). Prints
+    accuracy, macro-F1 and a per-class table.
     """
     from featcache.fit import evaluate as run_evaluate
 
@@ -340,8 +367,13 @@ def _echo_evaluation(source: str, ev) -> None:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str, readable=False))
-@click.option("--model-path", default="models/best.joblib", show_default=True, help="Model bundle to use.")
+@click.argument("paths", nargs=-1, required=True)
+@click.option(
+    "--model-path",
+    default="models/best.joblib",
+    show_default=True,
+    help="Model bundle to use, or the folder 'fit -o' wrote.",
+)
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
 @_batch_size_option("Images per forward pass.")
@@ -368,11 +400,13 @@ def predict(
 
 
 @cli.command()
-@click.argument("features", default="features.h5", type=click.Path(dir_okay=False, path_type=str))
-@click.option("-o", "--output", default="embedding.png", show_default=True, help="PNG file to write.")
+@click.argument("features", default="features.h5")
+@click.option(
+    "-o", "--output", default=None, help="PNG file to write. Default: embedding.png beside FEATURES."
+)
 @click.option(
     "--method",
-    type=click.Choice(["tsne", "pca"]),
+    type=click.Choice(choices.PLOT_METHODS),
     default="tsne",
     show_default=True,
     help="t-SNE shows clusters (neighbours stay neighbours); PCA is faster and keeps distances linear.",
@@ -385,7 +419,7 @@ def predict(
     help="Larger caches are drawn from a random sample of this many images.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
-def plot(features: str, output: str, method: str, max_points: int, seed: int) -> None:
+def plot(features: str, output: str | None, method: str, max_points: int, seed: int) -> None:
     """Draw a 2-D map of a feature cache, one colour per class.
 
     Classes that form tight, separate clusters are easy for a linear classifier; overlapping
@@ -488,13 +522,13 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     shown = [os.path.relpath(p, work) for p in picks]
     step(4, "Predict a few held-out images", "featcache predict " + " ".join(shown[:2]) + " ...")
     predictor = Predictor.load(work / "models" / "best.joblib")
-    names = dict(zip(predictor.folders, predictor.classes, strict=True))
+    names = dict(zip(predictor.folders, predictor.names, strict=True))
     for p, rel, path in zip(predictor.predict_files(picks), shown, picks, strict=True):
         truth = names.get(path.parent.name, path.parent.name)
         verdict = "" if p.error else "  right" if p.label == truth else f"  WRONG, it is {truth}"
         _echo_prediction(dataclasses.replace(p, path=rel), suffix=verdict)
 
-    step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot -o embedding.png")
+    step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot")
     click.echo(plot_embedding(work / "features.h5", work / "embedding.png"))
 
     click.echo("\n" + click.style(f"Done in {time.perf_counter() - start:.0f} s.", bold=True)
@@ -506,7 +540,10 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
         ("embedding.png", "the map of the cache"),
     ]:
         click.echo(f"  {name:20} {what}")
-    click.echo("On your own images: featcache extract DATA_DIR && featcache fit && featcache predict IMAGE")
+    click.echo(
+        f"On your own images: featcache extract DATA_DIR --backbone {backbone} && featcache fit "
+        "&& featcache predict IMAGE"
+    )
 
 
 def _echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
@@ -524,6 +561,44 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning: {message}", err=True)
 
 
+_FLAGS = {
+    "overwrite": "--overwrite",
+    "output": "-o",
+    "weights": "--weights",
+    "backbone": "--backbone",
+    "model_path": "--model-path",
+    "workdir": "--workdir",
+    "device": "--device",
+    "cv": "--cv",
+}
+_PARAMETER = re.compile(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[^\s,;:)]+)")
+
+
+def as_flags(message: str) -> str:
+    """A library message with the parameters it names (``overwrite=True``, ``weights=PATH``) written
+    as this command line's options (``--overwrite``, ``--weights PATH``)."""
+
+    def flag(m: re.Match) -> str:
+        option, value = _FLAGS[m.group(1)], m.group(2).strip("'")
+        return option if value == "True" else f"{option} {value}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+def _error(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"error: {as_flags(message)}", err=True)
+    sys.exit(1)
+
+
+def _interrupted(e: BaseException | None) -> None:
+    from featcache.errors import Interrupted
+
+    click.echo(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``featcache`` console script: maps errors to exit statuses."""
     from featcache.errors import FeatcacheError
@@ -534,18 +609,15 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="featcache", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C
+        _interrupted(e.__cause__ or e.__context__)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except FeatcacheError as e:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _error(str(e), debug)
+    except OSError as e:  # about a path the user gave: theirs to fix
+        _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), debug)
     sys.exit(0)

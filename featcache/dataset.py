@@ -133,12 +133,14 @@ class ImageFile:
 
 @dataclass
 class Dataset:
-    """What :func:`scan` found: candidate image files, class names, and files that could not be read."""
+    """What :func:`scan` found: candidate image files, class folder names, files that could not be
+    read (with the reason), and how many files were ignored as not images."""
 
     root: Path
-    classes: list[str]
+    folders: list[str]
     files: list[ImageFile]
     unreadable: list[tuple[str, str]]
+    ignored: int = 0
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -170,14 +172,16 @@ def scan(root: str | os.PathLike) -> Dataset:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FeatcacheError(f"{root}: not a folder")
+        raise FeatcacheError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}")
     extensions = _image_extensions()
     top = sorted(os.scandir(root), key=lambda e: os.fsencode(e.name))
-    classes = sorted(e.name for e in top if not _hidden(e.name) and _is_dir(e))
+    folders = sorted(e.name for e in top if not _hidden(e.name) and _is_dir(e))
     files: list[ImageFile] = []
     unreadable: list[tuple[str, str]] = []
+    ignored = 0
 
     def consider(abspath: str, relpath: str, label: int) -> None:
+        nonlocal ignored
         try:
             st = os.stat(abspath)
         except OSError as e:
@@ -189,6 +193,7 @@ def scan(root: str | os.PathLike) -> Dataset:
                 unreadable.append((relpath, NOT_A_FILE))
             return
         if ext not in extensions and not _looks_like_image(abspath):
+            ignored += 1
             return
         files.append(ImageFile(relpath, label, st.st_size, st.st_mtime_ns))
 
@@ -196,7 +201,7 @@ def scan(root: str | os.PathLike) -> Dataset:
         if _hidden(entry.name) or _is_dir(entry):
             continue
         consider(entry.path, entry.name, UNLABELLED)
-    for label, name in enumerate(classes):
+    for label, name in enumerate(folders):
         seen: set[tuple[int, int]] = set()
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
             st = os.stat(dirpath)
@@ -211,7 +216,7 @@ def scan(root: str | os.PathLike) -> Dataset:
                     consider(os.path.join(dirpath, fname), f"{rel_dir}/{fname}", label)
     files.sort(key=lambda f: os.fsencode(f.relpath))
     unreadable.sort(key=lambda u: os.fsencode(u[0]))
-    return Dataset(root, classes, files, unreadable)
+    return Dataset(root, folders, files, unreadable, ignored)
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.files import writable_folder
 
 DATA = Path(__file__).with_name("demo_data")
 MARKER = ".featcache-demo"
@@ -62,13 +63,13 @@ def prepare_workdir(workdir: str | os.PathLike) -> DemoData:
     """
     work = Path(workdir)
     if work.exists() and not work.is_dir():
-        raise FeatcacheError(f"{work} is not a folder: choose another --workdir")
+        raise FeatcacheError(f"{work} is not a folder: pass another workdir=PATH")
     if work.is_dir() and any(work.iterdir()) and not (work / MARKER).is_file():
         raise FeatcacheError(
-            f"{work} already holds files that the demo did not make: choose another --workdir "
+            f"{work} already holds files that the demo did not make: pass another workdir=PATH "
             "(the demo writes features.h5, models/ and embedding.png there)"
         )
-    work.mkdir(parents=True, exist_ok=True)
+    writable_folder(work)
     (work / MARKER).write_text("made by featcache demo; the demo may overwrite what is here\n")
     return copy_data(work / "data")
 

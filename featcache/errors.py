@@ -23,3 +23,7 @@ class CacheMismatchError(FeatcacheError):
 
 class FeatcacheWarning(UserWarning):
     """Something worth telling the user that does not stop the run (e.g. random weights)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run that keeps its finished work; the message says what was kept."""

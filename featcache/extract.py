@@ -18,20 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones import Backbone, BackboneIdentity, backbone_for, load_backbone, resolve_device
-from featcache.cache import DTYPES, FeatureCache, read_cache, write_cache
+from featcache.backbones.identity import BackboneIdentity, Embedder
+from featcache.cache import FeatureCache, read_cache, write_cache
+from featcache.choices import DEFAULT_BACKBONE, DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
-from featcache.errors import CacheMismatchError, FeatcacheError
+from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
+from featcache.files import writable_file
 from featcache.images import load_batches
 
 
 @dataclass
 class Progress:
-    """Reported after each batch: images handled so far out of ``total``, and how many were skipped."""
+    """Reported as work goes on: ``done`` out of ``total`` (``None``: unknown) in ``stage``, which is
+    ``"extract"`` (images; ``skipped`` of them could not be read) or ``"download"`` (bytes of weights)."""
 
     done: int
-    total: int
-    skipped: int
+    total: int | None
+    skipped: int = 0
+    stage: str = "extract"
 
 
 @dataclass
@@ -52,11 +56,11 @@ class ExtractResult:
 def extract(
     data_dir: str | os.PathLike,
     output: str | os.PathLike = "features.h5",
-    backbone: str = "mobilenet_v2",
+    backbone: str | None = None,
     weights: str | None = None,
-    pool: str = "avg",
-    dtype: str = "float32",
-    precision: str = "fp32",
+    pool: str | None = None,
+    dtype: str | None = None,
+    precision: str | None = None,
     labels: str | os.PathLike | None = None,
     batch_size: int = 32,
     workers: int = 2,
@@ -66,50 +70,82 @@ def extract(
 ) -> ExtractResult:
     """Embed every image under ``data_dir`` into the HDF5 cache ``output``.
 
-    An existing cache made with the same backbone identity and dtype is updated incrementally
-    (unchanged files are reused, new and modified files computed, deleted files dropped); one
-    made differently is an error unless ``overwrite``. Unreadable files are skipped and listed.
-    ``precision`` is the backbone's arithmetic: ``fp32`` or ``bf16`` autocast.
+    An existing cache is updated incrementally (unchanged files are reused, new and modified
+    files computed, deleted files dropped), and the settings not given (``backbone``,
+    ``weights``, ``pool``, ``dtype``, ``precision``) are the ones it records; without a cache
+    they default to ``mobilenet_v2``, its first weights, ``avg``, ``float32`` and ``fp32``. A
+    cache made with other settings, or from another folder, is an error unless ``overwrite``
+    (a folder that was only moved, holding the same files, is reused). Unreadable files are
+    skipped and listed. Ctrl-C raises :class:`~featcache.errors.Interrupted`; the images done
+    so far are kept for the next run.
     """
     start = time.monotonic()
+    if batch_size < 1 or workers < 0:
+        raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
+    output = writable_file(output)
+    previous = None if overwrite else _previous_cache(output)
+    recorded = previous.identity if previous is not None else None
+    backbone = backbone or (recorded.backbone if recorded else DEFAULT_BACKBONE)
+    if recorded is not None and backbone == recorded.backbone:
+        weights, pool = weights or recorded.weights, pool or recorded.pool
+        precision = precision or recorded.precision
+    dtype = dtype or (previous.dtype if previous is not None else "float32")
     if dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if batch_size < 1 or workers < 0:
-        raise FeatcacheError("batch size must be at least 1 and workers at least 0")
-    output = Path(output)
     dataset = scan(data_dir)
+    if previous is not None:
+        _check_same_folder(previous, dataset, output)
+    if not dataset.files:
+        raise FeatcacheError(f"no images found under {data_dir}{_what_was_found(dataset)}")
     label_map = load_label_map(labels) if labels is not None else None
-    net = load_backbone(
-        backbone, weights, pool=pool, device=resolve_device(device), progress=True, precision=precision
-    )
-    identity = net.identity
 
-    previous = None if overwrite else _previous_cache(output, identity, dtype)
-    partial = _Partial(output, identity, reset=overwrite)
+    from featcache.backbones.build import build_backbone
+
+    def downloaded(done: int, total: int | None) -> None:
+        if on_progress:
+            on_progress(Progress(done, total, stage="download"))
+
+    net = build_backbone(
+        backbone, weights=weights, pool=pool or "avg", precision=precision or "fp32", device=device,
+        on_download=downloaded,
+    )  # fmt: skip
+    identity = net.identity
+    if previous is not None:
+        _check_same_settings(previous, identity, dtype, output)
+
+    partial = _Partial(output, identity, dataset, reset=overwrite)
     reusable = _reusable_rows(previous, dataset) if previous is not None else {}
-    resumed = partial.load(dataset)
-    finished = reusable.keys() | resumed.rows.keys() | resumed.skipped.keys()
+    finished = reusable.keys() | partial.rows.keys() | partial.skipped.keys()
     todo = [f for f in dataset.files if f.relpath not in finished]
 
     total = len(dataset.files)
-    skipped_before = len(resumed.skipped) + len(dataset.unreadable)
+    skipped_before = len(partial.skipped) + len(dataset.unreadable)
     done, n_computed, n_failed = total - len(todo), 0, 0
     if on_progress:
         on_progress(Progress(done, total, skipped_before))
-    for rows, skipped in _embed(net, dataset, todo, batch_size, workers):
-        partial.add(rows, skipped)
-        resumed.rows.update(rows)
-        resumed.skipped.update(skipped)
-        done += len(rows) + len(skipped)
-        n_computed += len(rows)
-        n_failed += len(skipped)
-        if on_progress:
-            on_progress(Progress(done, total, skipped_before + n_failed))
+    try:
+        for rows, skipped in _embed(net, dataset, todo, batch_size, workers):
+            partial.add(rows, skipped)
+            done += len(rows) + len(skipped)
+            n_computed += len(rows)
+            n_failed += len(skipped)
+            if on_progress:
+                on_progress(Progress(done, total, skipped_before + n_failed))
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"{done} of {total} images done are kept; run the same extract again to resume"
+        ) from None
 
     if label_map is None:
         label_map = previous.label_map if previous is not None else LabelMap()
-    skipped = sorted([*dataset.unreadable, *resumed.skipped.items()], key=lambda s: os.fsencode(s[0]))
-    cache = _assemble(dataset, identity, dtype, label_map, reusable, resumed.rows, skipped)
+    skipped = sorted([*dataset.unreadable, *partial.skipped.items()], key=lambda s: os.fsencode(s[0]))
+    cache = _assemble(dataset, identity, dtype, label_map, reusable, partial.rows, skipped)
+    if len(cache) == 0:
+        partial.remove()
+        raise FeatcacheError(
+            f"no readable images under {data_dir}: {len(skipped)} file(s) skipped "
+            f"({'; '.join(f'{p}: {r}' for p, r in skipped[:3])}{'; …' if len(skipped) > 3 else ''})"
+        )
     n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
     written = previous is None or not previous.same_content(cache)
     if written:
@@ -131,22 +167,58 @@ def extract(
 _Row = tuple[int, int, np.ndarray]  # file size, mtime_ns, embedding
 
 
-def _previous_cache(output: Path, identity: BackboneIdentity, dtype: str) -> FeatureCache | None:
+def _previous_cache(output: Path) -> FeatureCache | None:
+    """The cache already at ``output``, or None; anything else there is refused before any work."""
     if not output.exists():
         return None
     try:
-        previous = read_cache(output)
+        return read_cache(output)
     except FeatcacheError as e:
-        raise FeatcacheError(f"{e}; refusing to replace it (use --overwrite, or -o another file)") from None
+        raise FeatcacheError(
+            f"{e}; refusing to replace it (pass overwrite=True to replace it, or output=OTHER.h5 to write "
+            "another file)"
+        ) from None
+
+
+def _check_same_folder(previous: FeatureCache, dataset: Dataset, output: Path) -> None:
+    """Refuse a cache of another folder, unless this folder holds its files unchanged (it was moved)."""
+    root = str(dataset.root.resolve())
+    if not previous.data_root or previous.data_root == root:
+        return
+    current = {f.relpath: (f.size, f.mtime_ns) for f in dataset.files}
+    moved = all(
+        current.get(p) == (int(size), int(mtime))
+        for p, size, mtime in zip(previous.paths, previous.sizes, previous.mtimes_ns, strict=True)
+    )
+    if not moved:
+        raise CacheMismatchError(
+            f"{output} holds the features of another folder ({previous.data_root}, not {root}): "
+            "pass overwrite=True to replace them, or output=OTHER.h5 to write another file"
+        )
+
+
+def _check_same_settings(
+    previous: FeatureCache, identity: BackboneIdentity, dtype: str, output: Path
+) -> None:
     differences = previous.identity.differences(identity)
     if previous.dtype != dtype:
         differences.append(f"dtype: {previous.dtype} vs {dtype}")
     if differences:
         raise CacheMismatchError(
             f"{output} holds features made differently ({'; '.join(differences)}): "
-            "use --overwrite to replace it, or -o to write another file"
+            "pass overwrite=True to replace it, or output=OTHER.h5 to write another file"
         )
-    return previous
+
+
+def _what_was_found(dataset: Dataset) -> str:
+    parts = []
+    if dataset.ignored:
+        parts.append(f"{dataset.ignored} file(s) that are not images")
+    if dataset.unreadable:
+        reasons = "; ".join(f"{p}: {r}" for p, r in dataset.unreadable[:3])
+        more = "; …" if len(dataset.unreadable) > 3 else ""
+        parts.append(f"{len(dataset.unreadable)} unreadable ({reasons}{more})")
+    return f" ({', '.join(parts)})" if parts else " (the folder is empty)"
 
 
 def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, _Row]:
@@ -160,7 +232,7 @@ def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, _Row]:
 
 
 def _embed(
-    net: Backbone, dataset: Dataset, todo: list[ImageFile], batch_size: int, workers: int
+    net: Embedder, dataset: Dataset, todo: list[ImageFile], batch_size: int, workers: int
 ) -> Iterator[tuple[dict[str, _Row], dict[str, str]]]:
     """Yield ``(rows, skipped)`` per batch; decoding of the next batches overlaps with the model."""
     sources = [dataset.path(f.relpath) for f in todo]
@@ -170,7 +242,7 @@ def _embed(
 
 
 def _run_batch(
-    net: Backbone, batch: list[ImageFile], loaded: list[np.ndarray | str]
+    net: Embedder, batch: list[ImageFile], loaded: list[np.ndarray | str]
 ) -> tuple[dict[str, _Row], dict[str, str]]:
     good = [(f, px) for f, px in zip(batch, loaded, strict=True) if not isinstance(px, str)]
     skipped = {f.relpath: px for f, px in zip(batch, loaded, strict=True) if isinstance(px, str)}
@@ -199,7 +271,7 @@ def _assemble(
         paths=[f.relpath for f in files],
         sizes=np.array([r[0] for r in rows], dtype=np.int64),
         mtimes_ns=np.array([r[1] for r in rows], dtype=np.int64),
-        classes=dataset.classes,
+        folders=dataset.folders,
         identity=identity,
         label_map=label_map,
         skipped=skipped,
@@ -208,50 +280,49 @@ def _assemble(
     )
 
 
-@dataclass
-class _Resumed:
-    rows: dict[str, _Row] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
 class _Partial:
-    """Finished batches of an unfinished run, kept next to the output as whole ``.npz`` files."""
+    """Finished batches of an unfinished run, kept next to the output as whole ``.npz`` files.
 
-    def __init__(self, output: Path, identity: BackboneIdentity, reset: bool):
+    Made for one backbone identity and data folder: parts left by a run with other ones are
+    deleted, and ``rows`` and ``skipped`` hold what earlier runs finished on files that have
+    not changed since.
+    """
+
+    def __init__(self, output: Path, identity: BackboneIdentity, dataset: Dataset, reset: bool):
         self.folder = output.with_name(f".{output.name}.partial")
-        self.identity = json.dumps(identity.to_dict(), sort_keys=True)
+        self.key = json.dumps(
+            {**identity.to_dict(), "data_root": str(dataset.root.resolve())}, sort_keys=True
+        )
         meta = self.folder / "identity.json"
-        if self.folder.exists() and (reset or not meta.is_file() or meta.read_text() != self.identity):
+        if self.folder.exists() and (reset or not meta.is_file() or meta.read_text() != self.key):
             shutil.rmtree(self.folder, ignore_errors=True)
+        self.files = {f.relpath: f for f in dataset.files}
+        self.rows: dict[str, _Row] = {}
+        self.skipped: dict[str, str] = {}
         self.seq = 0
+        if self.folder.is_dir():
+            for part in sorted(self.folder.glob("part-*.npz")):
+                self._load(part)
 
-    def load(self, dataset: Dataset) -> _Resumed:
-        """Rows and skip records of earlier unfinished runs whose files have not changed since."""
-        resumed = _Resumed()
-        current = self._files = {f.relpath: f for f in dataset.files}
-        if not self.folder.is_dir():
-            return resumed
-        for part in sorted(self.folder.glob("part-*.npz")):
-            try:
-                with np.load(part, allow_pickle=False) as z:
-                    paths = [os.fsdecode(bytes(p)) for p in z["paths"]]
-                    sizes, mtimes, feats = z["sizes"], z["mtimes"], z["features"]
-                    skipped = zip(
-                        [os.fsdecode(bytes(p)) for p in z["skipped_paths"]], z["skipped_reasons"], strict=True
-                    )
-                    skip_sig = zip(z["skipped_sizes"], z["skipped_mtimes"], strict=True)
-                    for i, p in enumerate(paths):
-                        f = current.get(p)
-                        if f is not None and (f.size, f.mtime_ns) == (int(sizes[i]), int(mtimes[i])):
-                            resumed.rows[p] = (f.size, f.mtime_ns, feats[i])
-                    for (p, reason), (size, mtime) in zip(skipped, skip_sig, strict=True):
-                        f = current.get(p)
-                        if f is not None and (f.size, f.mtime_ns) == (int(size), int(mtime)):
-                            resumed.skipped[p] = str(reason)
-            except (OSError, ValueError, KeyError, EOFError):
-                continue  # a part damaged by a crash is simply recomputed
-            self.seq = max(self.seq, int(part.stem.split("-")[1]))
-        return resumed
+    def _unchanged(self, path: str, size: int, mtime: int) -> ImageFile | None:
+        f = self.files.get(path)
+        return f if f is not None and (f.size, f.mtime_ns) == (int(size), int(mtime)) else None
+
+    def _load(self, part: Path) -> None:
+        try:
+            with np.load(part, allow_pickle=False) as z:
+                paths = [os.fsdecode(bytes(p)) for p in z["paths"]]
+                for p, size, mtime, feat in zip(paths, z["sizes"], z["mtimes"], z["features"], strict=True):
+                    if (f := self._unchanged(p, size, mtime)) is not None:
+                        self.rows[p] = (f.size, f.mtime_ns, feat)
+                skipped = [os.fsdecode(bytes(p)) for p in z["skipped_paths"]]
+                signature = zip(z["skipped_reasons"], z["skipped_sizes"], z["skipped_mtimes"], strict=True)
+                for p, (reason, size, mtime) in zip(skipped, signature, strict=True):
+                    if self._unchanged(p, size, mtime) is not None:
+                        self.skipped[p] = str(reason)
+        except (OSError, ValueError, KeyError, EOFError):
+            return  # a part damaged by a crash is simply recomputed
+        self.seq = max(self.seq, int(part.stem.split("-")[1]))
 
     def add(self, rows: dict[str, _Row], skipped: dict[str, str]) -> None:
         """Save one finished batch as a new part file."""
@@ -259,10 +330,9 @@ class _Partial:
         meta = self.folder / "identity.json"
         if not meta.is_file():
             tmp_meta = meta.with_suffix(".tmp")
-            tmp_meta.write_text(self.identity)
+            tmp_meta.write_text(self.key)
             os.replace(tmp_meta, meta)
         self.seq += 1
-        files = self._files
         part = self.folder / f"part-{self.seq:06d}.npz"
         tmp = self.folder / f".{part.name}.tmp"
         dim = next(iter(rows.values()))[2].shape[0] if rows else 0
@@ -275,29 +345,12 @@ class _Partial:
                 features=np.stack([r[2] for r in rows.values()]) if rows else np.zeros((0, dim), np.float32),
                 skipped_paths=np.array([os.fsencode(p) for p in skipped], dtype=bytes),
                 skipped_reasons=np.array(list(skipped.values()), dtype=str),
-                skipped_sizes=np.array([files[p].size for p in skipped], dtype=np.int64),
-                skipped_mtimes=np.array([files[p].mtime_ns for p in skipped], dtype=np.int64),
+                skipped_sizes=np.array([self.files[p].size for p in skipped], dtype=np.int64),
+                skipped_mtimes=np.array([self.files[p].mtime_ns for p in skipped], dtype=np.int64),
             )
         os.replace(tmp, part)
+        self.rows.update(rows)
+        self.skipped.update(skipped)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def embed_folder(
-    data_dir: str | os.PathLike,
-    identity: BackboneIdentity,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str = "auto",
-) -> FeatureCache:
-    """Embed a folder in memory with the backbone described by ``identity`` (nothing is written)."""
-    dataset = scan(data_dir)
-    net = backbone_for(identity, device=resolve_device(device))
-    rows: dict[str, _Row] = {}
-    skipped = dict(dataset.unreadable)
-    for batch_rows, batch_skipped in _embed(net, dataset, dataset.files, batch_size, workers):
-        rows.update(batch_rows)
-        skipped.update(batch_skipped)
-    listing = sorted(skipped.items(), key=lambda s: os.fsencode(s[0]))
-    return _assemble(dataset, identity, "float32", LabelMap(), {}, rows, listing)

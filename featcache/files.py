@@ -1,12 +1,51 @@
-"""Crash-safe file replacement, shared by the feature cache and the model bundle."""
+"""Files: crash-safe replacement (shared by the cache, the bundle and the reports), output checks
+made before long work, and featcache's own cache folder."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from featcache.errors import FeatcacheError
+
+
+def user_cache_dir() -> Path:
+    """featcache's own cache folder (saved traces, converted models): ``$FEATCACHE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/featcache``, else ``~/.cache/featcache``."""
+    if os.environ.get("FEATCACHE_CACHE_DIR"):
+        return Path(os.environ["FEATCACHE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "featcache"
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, before long work
+    starts; raises :class:`FeatcacheError` naming the folder otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".featcache-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or str(e)
+        raise FeatcacheError(f"{folder}: cannot write there ({reason})") from None
+    return folder
+
+
+def writable_file(path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be written (replaced) before long work starts: it is no folder, and
+    its folder (created if needed) takes new files. Raises :class:`FeatcacheError` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise FeatcacheError(f"{path} is a folder: name a file to write")
+    writable_folder(path.parent)
+    return path
 
 
 @contextmanager
@@ -26,7 +65,8 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hide the error that brought us here
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 

@@ -1,27 +1,28 @@
-"""``fit`` and ``evaluate``: cross-validate model families on a feature cache, keep the best, score it."""
+"""``fit`` and ``evaluate``: cross-validate model families on a feature cache, keep the best, score it.
+
+Working on a cache needs no torch; evaluating an image folder builds the backbone through
+:class:`featcache.predictor.Predictor`, the same path as ``predict``.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from featcache import __version__
-from featcache.backbones import BackboneIdentity
-from featcache.bundle import load_bundle, save_bundle
+from featcache.bundle import DEFAULT_MODEL, MODEL_FILE, ModelBundle, load_bundle, save_bundle
 from featcache.cache import FeatureCache, read_cache
+from featcache.choices import MODELS
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
-from featcache.models import FAMILIES, linear_head
-
-MODEL_CHOICES = (*FAMILIES, "all")
+from featcache.files import writable_folder
 
 
 @dataclass
@@ -36,8 +37,25 @@ class FitResult:
 
 def _labelled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     mask = cache.labels >= 0
-    names = np.array(cache.classes, dtype=object)
-    return cache.features[mask].astype(np.float32), names[cache.labels[mask]].astype(str)
+    folders = np.array(cache.folders, dtype=object)
+    return cache.features[mask].astype(np.float32), folders[cache.labels[mask]].astype(str)
+
+
+@contextmanager
+def _convergence_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Collect scikit-learn's ConvergenceWarnings raised in the block (they are counted in the
+    report); every other warning is passed on as it was raised."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    found: list[warnings.WarningMessage] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield found
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            found.append(w)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def fit(
@@ -52,25 +70,29 @@ def fit(
 
     Each family's small grid is scored by stratified ``cv``-fold cross-validation (seeded); the
     family with the best mean accuracy is refit on all labelled rows. Its out-of-fold
-    predictions give the per-class table and the confusion matrix.
+    predictions give the per-class table and the confusion matrix. Fits whose solver stopped
+    before converging are counted in the report.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.model_selection import ParameterGrid, StratifiedKFold, cross_validate
 
-    if model not in MODEL_CHOICES:
-        raise FeatcacheError(f"model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
+    from featcache.models import FAMILIES, linear_head
+
+    if model not in MODELS:
+        raise FeatcacheError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if not isinstance(cv, int) or cv < 2:
-        raise FeatcacheError(f"--cv must be an integer >= 2, got {cv!r}")
+        raise FeatcacheError(f"cv must be an integer >= 2, got {cv!r}")
     cache = read_cache(features)
+    out = writable_folder(output)
     X, y = _labelled(cache)
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        raise FeatcacheError(f"{features}: need labelled images of at least 2 classes, found {len(classes)}")
-    small = [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if n < cv]
+    folders, counts = np.unique(y, return_counts=True)
+    if len(folders) < 2:
+        raise FeatcacheError(f"{features}: need labelled images of at least 2 classes, found {len(folders)}")
+    small = [f"{c} ({n})" for c, n in zip(folders, counts, strict=True) if n < cv]
     if small:
         raise FeatcacheError(
-            f"{len(small)} class(es) have fewer images than --cv {cv} folds: {', '.join(small[:10])}; "
-            "add images, lower --cv, or remove those classes"
+            f"{len(small)} class(es) have fewer images than the {cv} folds (cv={cv}): "
+            f"{', '.join(small[:10])}; add images, lower cv, or remove those classes"
         )
     folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
     families = list(FAMILIES) if model == "all" else [model]
@@ -84,8 +106,7 @@ def fit(
         grid = []
         for params in ParameterGrid(family.grid):
             pipe = family.build(seed).set_params(**params)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # convergence chatter of the solvers
+            with _convergence_warnings() as unconverged:
                 cvr = cross_validate(pipe, X, y, cv=folds, return_estimator=True, return_indices=True)
             pred = np.empty(len(y), dtype=y.dtype)
             for est, test in zip(cvr["estimator"], cvr["indices"]["test"], strict=True):
@@ -94,58 +115,53 @@ def fit(
             f1s = [f1_score(y[t], pred[t], average="macro") for _, t in folds]
             grid.append({"params": params, "cv_accuracy_mean": float(np.mean(accs)),
                          "cv_accuracy_std": float(np.std(accs)), "cv_f1_macro_mean": float(np.mean(f1s)),
-                         "_pred": pred})  # fmt: skip
+                         "not_converged": min(len(unconverged), cv), "_pred": pred})  # fmt: skip
         best = max(grid, key=lambda g: g["cv_accuracy_mean"])
         oof[name] = best.pop("_pred")
         for g in grid:
             g.pop("_pred", None)
-        summary = {k: v for k, v in best.items() if k != "params"}
+        summary = {k: v for k, v in best.items() if k not in ("params", "not_converged")}
         results[name] = {**summary, "best_params": best["params"], "fit_seconds": time.perf_counter() - start,
+                         "fits": len(grid) * cv, "not_converged": sum(g["not_converged"] for g in grid),
                          "grid": grid}  # fmt: skip
     chosen = max(families, key=lambda n: results[n]["cv_accuracy_mean"])
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
     final = FAMILIES[chosen].build_final(seed, results[chosen]["best_params"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _convergence_warnings() as unconverged:
         final.fit(X, y)
     pred = oof[chosen]
-    per_class = _per_class(y, pred, list(classes), cache.label_map)
     report = {
         "best": chosen,
         "cv": cv,
         "seed": seed,
         "n_images": int(len(y)),
-        "n_classes": int(len(classes)),
+        "n_classes": int(len(folders)),
         "families": results,
-        "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
-        "classes": classes.tolist(),
+        "refit_converged": not unconverged,
+        "per_class": _per_class(y, pred, list(folders), cache.label_map),
+        "confusion_matrix": confusion_matrix(y, pred, labels=folders).tolist(),
+        "folders": folders.tolist(),
         "features": str(Path(features).resolve()),
     }
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    head = linear_head(final, X)
-    bundle = {
-        "pipeline": final,
-        "head": head.to_dict() if head is not None else None,
-        "family": chosen,
-        "classes": classes.tolist(),
-        "label_map": cache.label_map.to_dict(),
-        "identity": cache.identity.to_dict(),
-        "feature_dtype": cache.dtype,
-        "report": report,
-        "featcache_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    bundle = ModelBundle.with_pipeline(
+        final,
+        family=chosen,
+        folders=folders.tolist(),
+        identity=cache.identity,
+        label_map=cache.label_map,
+        feature_dtype=cache.dtype,
+        head=linear_head(final, X),
+        report=report,
+    )
     from featcache.report import save_confusion_png, save_json
 
-    model_path = out / "best.joblib"
+    model_path = out / MODEL_FILE
     save_bundle(bundle, model_path)
     report_path = save_json(report, out / "report.json")
     confusion_path = save_confusion_png(
         np.array(report["confusion_matrix"]),
-        [cache.label_map.display(c) for c in classes],
+        bundle.names,
         out / "confusion_matrix.png",
         title=f"{chosen}: out-of-fold predictions ({cv}-fold CV, {len(y)} images)",
     )
@@ -153,86 +169,119 @@ def fit(
 
 
 def _per_class(
-    y: np.ndarray, pred: np.ndarray, classes: list[str], label_map: LabelMap
+    y: np.ndarray, pred: np.ndarray, folders: list[str], label_map: LabelMap
 ) -> list[dict[str, Any]]:
     from sklearn.metrics import precision_recall_fscore_support
 
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=folders, zero_division=0)
     return [
-        {"class": c, "name": label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
+        {"folder": c, "name": label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
          "f1": float(f[i]), "support": int(s[i])}
-        for i, c in enumerate(classes)
+        for i, c in enumerate(folders)
     ]  # fmt: skip
 
 
 @dataclass
 class Evaluation:
-    """Scores of a model on labelled data."""
+    """Scores of a model on labelled data, with the prediction for every image scored.
+
+    ``paths[i]`` (relative to the folder or cache root) is of class folder ``truth[i]`` and was
+    predicted as ``predicted[i]``; ``skipped`` lists the images that could not be read.
+    """
 
     accuracy: float
     macro_f1: float
     per_class: list[dict[str, Any]]
     confusion: np.ndarray
-    classes: list[str]
-    n_images: int
-    skipped: list[tuple[str, str]]
+    folders: list[str]
+    paths: list[str]
+    truth: list[str]
+    predicted: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
-
-def model_identity(bundle: dict[str, Any]) -> BackboneIdentity:
-    """The backbone identity a bundle was fit on."""
-    return BackboneIdentity.from_dict(bundle["identity"])
+    @property
+    def n_images(self) -> int:
+        return len(self.paths)
 
 
 def evaluate(
     source: str | os.PathLike,
-    model_path: str | os.PathLike = "models/best.joblib",
+    model_path: str | os.PathLike = DEFAULT_MODEL,
     batch_size: int = 32,
     workers: int = 2,
     device: str = "auto",
 ) -> Evaluation:
     """Score the model at ``model_path`` on a feature cache or on a labelled image folder.
 
-    A cache must have been made with the model's backbone identity; a folder is embedded on the
-    fly with that backbone (nothing is written).
+    A cache must have been made with the model's backbone identity; a folder's images are
+    classified exactly as ``predict`` classifies them (nothing is written).
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    bundle = load_bundle(model_path)
-    identity = model_identity(bundle)
-    label_map = LabelMap.from_dict(bundle["label_map"])
     source = Path(source)
+    if not source.exists():
+        raise FeatcacheError(f"{source}: no such feature cache or image folder")
+    bundle = load_bundle(model_path)
     if source.is_dir():
-        from featcache.extract import embed_folder
-
-        cache = embed_folder(source, identity, batch_size=batch_size, workers=workers, device=device)
+        paths, truth, predicted, skipped = _predict_folder(bundle, source, batch_size, workers, device)
     else:
         cache = read_cache(source)
-        differences = cache.identity.differences(identity)
+        differences = cache.identity.differences(bundle.identity)
         if differences:
             raise FeatcacheError(
                 f"{source} was extracted differently from the features {model_path} was fit on "
                 f"({'; '.join(differences)}): re-extract with the model's backbone, "
                 "or evaluate an image folder"
             )
-    X, y = _labelled(cache)
-    if len(y) == 0:
+        X, y = _labelled(cache)
+        paths = [p for p, label in zip(cache.paths, cache.labels, strict=True) if label >= 0]
+        truth, predicted, skipped = y.tolist(), bundle.predict(X), cache.skipped
+    if not paths:
         raise FeatcacheError(f"{source}: no labelled images to evaluate")
-    known = set(bundle["classes"])
-    unknown = sorted(set(y) - known)
+    unknown = sorted(set(truth) - set(bundle.folders))
     if unknown:
         raise FeatcacheError(
             f"{source}: class folder(s) the model does not know: {', '.join(unknown[:10])} "
-            f"(model classes: {', '.join(bundle['classes'][:10])}{'…' if len(known) > 10 else ''})"
+            f"(model classes: {', '.join(bundle.folders[:10])}{'…' if len(bundle.folders) > 10 else ''})"
         )
-    pred = bundle["pipeline"].predict(X)
-    classes = list(bundle["classes"])
-    per_class = _per_class(y, pred, classes, label_map)
+    return _score(bundle, paths, truth, predicted, skipped)
+
+
+def _predict_folder(
+    bundle: ModelBundle, folder: Path, batch_size: int, workers: int, device: str
+) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
+    """Classify the labelled images of ``folder`` with :class:`Predictor`, as ``predict`` would."""
+    from featcache.dataset import scan
+    from featcache.predictor import Predictor
+
+    dataset = scan(folder)
+    files = [f for f in dataset.files if f.label >= 0]
+    predictor = Predictor(bundle, device=device, batch_size=batch_size, workers=workers)
+    paths, truth, predicted = [], [], []
+    skipped = list(dataset.unreadable)
+    results = predictor.predict_files([dataset.path(f.relpath) for f in files])
+    for f, p in zip(files, results, strict=True):
+        if p.error is not None:
+            skipped.append((f.relpath, p.error))
+            continue
+        paths.append(f.relpath)
+        truth.append(dataset.folders[f.label])
+        predicted.append(p.folder)
+    return paths, truth, predicted, sorted(skipped, key=lambda s: os.fsencode(s[0]))
+
+
+def _score(
+    bundle: ModelBundle, paths: list[str], truth: list[str], predicted: list[str], skipped: list
+) -> Evaluation:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    y, pred = np.array(truth), np.array(predicted)
     return Evaluation(
         accuracy=float(accuracy_score(y, pred)),
-        macro_f1=float(f1_score(y, pred, labels=sorted(set(y)), average="macro", zero_division=0)),
-        per_class=per_class,
-        confusion=confusion_matrix(y, pred, labels=classes),
-        classes=classes,
-        n_images=int(len(y)),
-        skipped=cache.skipped,
+        macro_f1=float(f1_score(y, pred, labels=sorted(set(truth)), average="macro", zero_division=0)),
+        per_class=_per_class(y, pred, bundle.folders, bundle.label_map),
+        confusion=confusion_matrix(y, pred, labels=bundle.folders),
+        folders=bundle.folders,
+        paths=paths,
+        truth=truth,
+        predicted=predicted,
+        skipped=skipped,
     )

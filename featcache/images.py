@@ -10,13 +10,13 @@ import stat
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featcache.backbones.identity import Preprocessing
 from featcache.errors import ImageError
 
 if TYPE_CHECKING:
@@ -27,40 +27,9 @@ ImageSource = str | os.PathLike | Image.Image | np.ndarray
 #: Largest image (in pixels) that is decoded; bigger ones are refused as possible decompression bombs.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
-RESIZE_POLICIES = ("stretch", "center_crop")
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _WHITE = (255, 255, 255, 255)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the network's input tensor.
-
-    ``resize`` is ``"stretch"`` (straight to size×size, no crop: the course recipe) or
-    ``"center_crop"`` (shorter side to ``size``, then the central square).
-    """
-
-    size: int = 224
-    resize: str = "stretch"
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def __post_init__(self) -> None:
-        if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {tuple(_INTERPOLATIONS)}, got {self.interpolation!r}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
 def load_image(source: ImageSource) -> Image.Image:

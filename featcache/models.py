@@ -6,6 +6,7 @@ Adding a family is one :class:`Family` entry in :data:`FAMILIES`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
@@ -20,9 +22,16 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featcache.choices import FAMILIES as FAMILY_NAMES
 from featcache.head import LinearHead
 
 DECAYS = ("constant", "cosine", "square")
+
+
+def _softmax_rows(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _validate(estimator: BaseEstimator, checks: list[tuple[str, bool, str]]) -> None:
@@ -33,7 +42,10 @@ def _validate(estimator: BaseEstimator, checks: list[tuple[str, bool, str]]) -> 
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
-    """A linear softmax head trained with SGD in PyTorch: the course's knobs as a scikit-learn estimator.
+    """A linear softmax head trained with SGD: the course's knobs as a scikit-learn estimator.
+
+    The update is PyTorch's ``optim.SGD`` (momentum, weight decay) on ``nn.Linear`` with
+    ``CrossEntropyLoss(label_smoothing)``, written in NumPy so that fitting needs no torch.
 
     Parameters
     ----------
@@ -45,7 +57,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     batch_size : samples per SGD step.
     dropout : dropout on the input features during training, in [0, 1).
     validation_fraction : share of the training data held out for early stopping (0 disables it).
-    patience : epochs without a better validation loss before training stops.
+    patience : epochs without a better validation loss before training stops. When all ``epochs``
+        run out while the validation loss is still improving, a ``ConvergenceWarning`` says so.
     random_state : seed for initialisation, shuffling and the validation split.
     """
 
@@ -100,8 +113,6 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
         """Train on features ``X`` (n_samples × n_features) and labels ``y``."""
-        import torch
-
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
@@ -118,56 +129,61 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             X_tr, X_val, y_tr, y_val = train_test_split(
                 X, y_idx, test_size=self.validation_fraction, random_state=seed, stratify=stratify
             )
-        with torch.random.fork_rng(devices=[]):  # dropout and initialisation draw from the seeded global RNG
-            torch.manual_seed(seed)
-            best_state = self._train(torch, X_tr, y_tr, X_val, y_val, seed)
-        layer = self.__dict__.pop("_layer")
-        if best_state is not None:
-            layer.load_state_dict(best_state)
-        self.coef_ = layer.weight.detach().numpy().astype(np.float64)
-        self.intercept_ = layer.bias.detach().numpy().astype(np.float64)
+        W, b, still_improving = self._train(X_tr, y_tr, X_val, y_val, np.random.default_rng(seed))
+        if still_improving:
+            warnings.warn(
+                f"SoftmaxClassifier: the validation loss was still improving after all epochs="
+                f"{self.epochs}; raise epochs (or lr_max) for a converged fit",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self.coef_, self.intercept_ = W.astype(np.float64), b.astype(np.float64)
         return self
 
     def _train(
-        self, torch: Any, X_tr: np.ndarray, y_tr: np.ndarray, X_val: Any, y_val: Any, seed: int
-    ) -> Any:
-        gen = torch.Generator().manual_seed(seed)
-        layer = torch.nn.Linear(X_tr.shape[1], len(self.classes_))
-        drop = torch.nn.Dropout(self.dropout)
-        opt = torch.optim.SGD(
-            layer.parameters(), lr=self.lr_max, momentum=self.momentum, weight_decay=self.weight_decay
+        self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None, rng: Any
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Run the epochs (PyTorch's ``nn.Linear`` initialisation and ``optim.SGD`` update, in NumPy);
+        return the weights and bias, the best ones on the validation data when there is some, and
+        whether the validation loss was still improving at the end."""
+        k, d = len(self.classes_), X.shape[1]
+        bound = 1 / math.sqrt(d)
+        W = rng.uniform(-bound, bound, (k, d)).astype(np.float32)
+        b = rng.uniform(-bound, bound, k).astype(np.float32)
+        velocity = [np.zeros_like(W), np.zeros_like(b)]
+        target = np.full((k, k), self.label_smoothing / k, np.float32) + np.eye(k, dtype=np.float32) * (
+            1 - self.label_smoothing
         )
-        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
-        xt, yt = torch.from_numpy(np.ascontiguousarray(X_tr)), torch.from_numpy(y_tr.astype(np.int64))
-        xv = None if X_val is None else torch.from_numpy(np.ascontiguousarray(X_val))
-        yv = None if y_val is None else torch.from_numpy(y_val.astype(np.int64))
-        best, best_state, stale = math.inf, None, 0
+        best, best_params, stale = math.inf, None, 0
         self.n_iter_ = 0
         for epoch in range(self.epochs):
-            for group in opt.param_groups:
-                group["lr"] = self._lr(epoch)
-            layer.train()
-            drop.train()
-            order = torch.randperm(len(xt), generator=gen)
-            for start in range(0, len(xt), self.batch_size):
+            lr = self._lr(epoch)
+            order = rng.permutation(len(X))
+            for start in range(0, len(X), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                opt.zero_grad()
-                loss_fn(layer(drop(xt[idx])), yt[idx]).backward()
-                opt.step()
+                xb = X[idx]
+                if self.dropout > 0:
+                    xb = xb * (rng.random(xb.shape) >= self.dropout) / np.float32(1 - self.dropout)
+                # cross-entropy with label smoothing: d(loss)/d(logits) = (softmax - target) / batch
+                grad = (_softmax_rows(xb @ W.T + b) - target[y[idx]]) / len(idx)
+                for param, g, v in ((W, grad.T @ xb, velocity[0]), (b, grad.sum(axis=0), velocity[1])):
+                    v *= self.momentum
+                    v += g + self.weight_decay * param
+                    param -= lr * v
             self.n_iter_ = epoch + 1
-            if xv is None:
+            if X_val is None:
                 continue
-            with torch.no_grad():
-                val_loss = float(torch.nn.functional.cross_entropy(layer(xv), yv))
+            p = _softmax_rows(X_val @ W.T + b)
+            val_loss = float(-np.log(np.maximum(p[np.arange(len(y_val)), y_val], 1e-30)).mean())
             if val_loss < best - 1e-6:
-                best, stale = val_loss, 0
-                best_state = {k: v.clone() for k, v in layer.state_dict().items()}
+                best, stale, best_params = val_loss, 0, (W.copy(), b.copy())
             else:
                 stale += 1
                 if stale >= self.patience:
                     break
-        self._layer = layer
-        return best_state
+        if best_params is not None:
+            W, b = best_params
+        return W, b, X_val is not None and stale < self.patience
 
     def _logits(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -181,10 +197,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``."""
-        z = self._logits(X)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return _softmax_rows(self._logits(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each sample."""
@@ -256,6 +269,13 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             options={"maxiter": self.max_iter, "xtol": self.tol},
         )  # fmt: skip
         self.n_iter_ = int(result.nit)
+        if result.status == 1:  # the iteration limit; a precision loss near the optimum is no failure
+            warnings.warn(
+                f"LinearSVM did not converge in max_iter={self.max_iter} Newton iterations; "
+                "raise max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         self.coef_ = result.x[: d * k].reshape(d, k).T.copy()
         self.intercept_ = result.x[d * k :].copy()
         return self
@@ -320,9 +340,10 @@ FAMILIES: dict[str, Family] = {
         Family("logreg", "multinomial logistic regression", _logreg, {"clf__C": [0.01, 0.1]}),
         Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", _linsvm,
                {"clf__C": [0.0001, 0.001]}, calibrate=True),
-        Family("softmax", "softmax head (PyTorch, SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-2]}),
+        Family("softmax", "softmax head (SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-2]}),
     )
 }  # fmt: skip
+assert tuple(FAMILIES) == FAMILY_NAMES, "featcache.choices.FAMILIES lists the families of this module"
 
 
 def linear_head(pipeline: Pipeline, X: np.ndarray, atol: float = 1e-5) -> LinearHead | None:

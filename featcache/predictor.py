@@ -9,26 +9,27 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from featcache.dataset import LabelMap, os_reason, scan
+from featcache.bundle import DEFAULT_MODEL, ModelBundle, load_bundle
+from featcache.dataset import os_reason, scan
 from featcache.errors import FeatcacheError
-from featcache.head import LinearHead
 from featcache.images import ImageSource, load_batches, load_pixels
-
-DEFAULT_MODEL = "models/best.joblib"
 
 
 @dataclass
 class Prediction:
-    """The result for one input: the best label with its probability and the top k, or an error."""
+    """The result for one input: the best label with its probability and the top k, or an error.
+
+    ``label`` is the display name of class folder ``folder``.
+    """
 
     path: str
     label: str | None = None
+    folder: str | None = None
     probability: float | None = None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     category: str | None = None
@@ -36,7 +37,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON Lines record: ``path`` and ``error``, or ``label``, ``probability``, ``top_k``
-        and ``category`` when the label map has one."""
+        and ``category`` when the label map has one (the folder name is not part of it)."""
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         record: dict[str, Any] = {
@@ -59,27 +60,28 @@ def _is_single(images: Any) -> bool:
 class Predictor:
     """A fitted model plus the backbone it was fit on, ready to classify images.
 
-    ``classes`` are the display names (from the label map) in the column order of
+    ``names`` are the display names (from the label map) in the column order of
     :meth:`predict_proba`; ``folders`` are the class folder names behind them.
     """
 
-    def __init__(self, bundle: dict[str, Any], device: str = "auto", batch_size: int = 32, workers: int = 2):
-        from featcache.backbones import BackboneIdentity, backbone_for, resolve_device
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 2,
+    ):
+        from featcache.backbones.build import build_backbone
 
         self.bundle = bundle
-        self.identity = BackboneIdentity.from_dict(bundle["identity"])
-        self.folders: list[str] = list(bundle["classes"])
-        self.head = LinearHead.from_dict(bundle["head"]) if bundle.get("head") else None
-        if self.head is None and [str(c) for c in self.pipeline.classes_] != self.folders:
-            raise FeatcacheError("the model bundle is inconsistent: its classes differ from its pipeline's")
-        if self.head is not None and self.head.n_classes != len(self.folders):
-            raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
-        self.label_map = LabelMap.from_dict(bundle.get("label_map", {}))
-        self.classes: list[str] = [self.label_map.display(f) for f in self.folders]
-        self.feature_dtype = np.dtype(bundle.get("feature_dtype", "float32"))
+        self.identity = bundle.identity
+        self.folders = bundle.folders
+        self.names = bundle.names
+        self.label_map = bundle.label_map
+        self.feature_dtype = np.dtype(bundle.feature_dtype)
         self.batch_size = batch_size
         self.workers = workers
-        self.backbone = backbone_for(self.identity, device=resolve_device(device))
+        self.backbone = build_backbone(self.identity, device=device)
 
     @classmethod
     def load(
@@ -89,19 +91,8 @@ class Predictor:
         batch_size: int = 32,
         workers: int = 2,
     ) -> Predictor:
-        """Load a verified model bundle (see :func:`featcache.bundle.load_bundle`) and build its backbone."""
-        from featcache.bundle import load_bundle
-
-        bundle = load_bundle(path, pipeline=False)
-        return cls(bundle, device=device, batch_size=batch_size, workers=workers)
-
-    @property
-    def pipeline(self) -> Any:
-        """The fitted scikit-learn pipeline (loaded on first use; predicting uses the linear head when
-        the bundle has one, which gives the same probabilities)."""
-        from featcache.bundle import bundle_pipeline
-
-        return bundle_pipeline(self.bundle)
+        """Load a verified model bundle (a file, or the folder ``fit`` wrote) and build its backbone."""
+        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         # rounded through the cache dtype the model was fit on (float16 caches are mirrored)
@@ -120,16 +111,16 @@ class Predictor:
         return feats[0] if single else feats
 
     def predict_proba(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
-        """Class probabilities, columns in the order of ``classes``: a vector for one image, N×C for many."""
+        """Class probabilities, columns in the order of ``names``: a vector for one image, N×C for many."""
         single = _is_single(images)
-        proba = self._proba(np.atleast_2d(self.embed(images)))
+        proba = self.bundle.predict_proba(np.atleast_2d(self.embed(images)))
         return proba[0] if single else proba
 
     def predict(self, images: ImageSource | Sequence[ImageSource]) -> str | list[str]:
         """The most probable class (display name) of one image, or a list for many."""
         single = _is_single(images)
         proba = np.atleast_2d(self.predict_proba(images))
-        names = [self.classes[i] for i in proba.argmax(axis=1)]
+        names = [self.names[i] for i in proba.argmax(axis=1)]
         return names[0] if single else names
 
     def predict_files(self, paths: Sequence[str | os.PathLike], top_k: int = 1) -> Iterator[Prediction]:
@@ -154,7 +145,7 @@ class Predictor:
                 if isinstance(px, str):
                     results[i] = Prediction(inputs[i][0], error=px)
             if good:
-                proba = self._proba(self._features(np.stack([px for _, px in good])))
+                proba = self.bundle.predict_proba(self._features(np.stack([px for _, px in good])))
                 for row, (i, _) in zip(proba, good, strict=True):
                     results[i] = self._prediction(inputs[i][0], row, top_k)
             while done < len(results) and results[done] is not None:
@@ -162,19 +153,15 @@ class Predictor:
                 done += 1
         yield from results[done:]
 
-    def _proba(self, feats: np.ndarray) -> np.ndarray:
-        if self.head is not None:
-            return self.head.predict_proba(feats)
-        return np.asarray(self.pipeline.predict_proba(feats), dtype=np.float64)
-
     def _prediction(self, path: str, proba: np.ndarray, top_k: int) -> Prediction:
         order = np.argsort(-proba, kind="stable")[:top_k]
         best = self.folders[order[0]]
         return Prediction(
             path=path,
-            label=self.classes[order[0]],
+            label=self.names[order[0]],
+            folder=best,
             probability=float(proba[order[0]]),
-            top_k=[(self.classes[i], float(proba[i])) for i in order],
+            top_k=[(self.names[i], float(proba[i])) for i in order],
             category=self.label_map.category(best),
         )
 
@@ -213,7 +200,9 @@ def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -
     ``image`` is a NumPy H×W×3 uint8 RGB array, a path or a PIL image. The model and its backbone
     are loaded on the first call and reused while the model file is unchanged.
     """
-    path = Path(model_path)
+    from featcache.bundle import resolve_model_path
+
+    path = resolve_model_path(model_path)
     st = path.stat() if path.is_file() else None
     key = (str(path.resolve()), st and st.st_mtime_ns, st and st.st_size)
     if key not in _LOADED:

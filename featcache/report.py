@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.choices import PLOT_METHODS
 from featcache.files import replaced_atomically
 
 
@@ -21,15 +22,21 @@ def save_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def families_table(report: dict[str, Any]) -> str:
-    """One line per model family: CV accuracy mean ± std, macro-F1, fit time, best parameters."""
-    lines = [f"{'family':8} {'CV accuracy':>16} {'macro-F1':>9} {'fit s':>7}  best parameters"]
+    """One line per model family: CV accuracy mean ± std, macro-F1, fit time, best parameters; then
+    one line per family whose solver did not converge in some of its fits."""
+    lines = [f"{'family':8} {'CV accuracy':>17} {'macro-F1':>9} {'fit s':>7}  best parameters"]
     for name, r in report["families"].items():
         mark = " *" if name == report["best"] else "  "
         params = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in r["best_params"].items())
         lines.append(
-            f"{name:8} {100 * r['cv_accuracy_mean']:8.2f} ± {100 * r['cv_accuracy_std']:4.2f} %"
+            f"{name:8} {100 * r['cv_accuracy_mean']:8.2f} ± {100 * r['cv_accuracy_std']:5.2f} %"
             f" {100 * r['cv_f1_macro_mean']:8.2f}% {r['fit_seconds']:7.1f}{mark} {params}"
         )
+    for name, r in report["families"].items():
+        if r.get("not_converged"):
+            lines.append(f"{name}: {r['not_converged']} of {r['fits']} fits did not converge")
+    if not report.get("refit_converged", True):
+        lines.append(f"{report['best']}: the final fit on all images did not converge")
     return "\n".join(lines)
 
 
@@ -46,7 +53,7 @@ def per_class_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _label(row: dict[str, Any]) -> str:
-    return row["class"] if row["name"] == row["class"] else f"{row['class']} {row['name']}"
+    return row["folder"] if row["name"] == row["folder"] else f"{row['folder']} {row['name']}"
 
 
 def _pyplot():
@@ -95,9 +102,6 @@ def save_confusion_png(
     return _save(fig, path)
 
 
-PLOT_METHODS = ("tsne", "pca")
-
-
 def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """Map N feature vectors to N points in 2-D with t-SNE (on the first 50 principal components)
     or PCA. Needs at least 3 rows."""
@@ -121,9 +125,8 @@ def save_embedding_png(
     points: np.ndarray, labels: np.ndarray, names: list[str], path: str | os.PathLike, title: str = ""
 ) -> Path:
     """Draw 2-D points coloured by class (``labels`` index ``names``; -1 is unlabelled, in grey),
-    each class named at its median, with a legend beside the map."""
-    import matplotlib.patheffects as pe
-
+    each class named at its median (moved aside, with a line to it, where names would overlap),
+    with a legend beside the map."""
     plt = _pyplot()
     n = len(names)
     colours = plt.get_cmap("tab10").colors
@@ -134,6 +137,7 @@ def save_embedding_png(
     unlabelled = labels < 0
     if unlabelled.any():
         ax.scatter(*points[unlabelled].T, s=size, c="0.75", marker=".", label="unlabelled")
+    medians = []
     for k in range(n):
         mine = points[labels == k]
         if not len(mine):
@@ -141,38 +145,66 @@ def save_embedding_png(
         colour, marker = colours[k % 10], markers[(k // 10) % len(markers)]
         ax.scatter(*mine.T, s=size, color=colour, marker=marker, alpha=0.75, linewidths=0,
                    label=f"{names[k]} ({len(mine)})")  # fmt: skip
-        x, y = np.median(mine, axis=0)
-        ax.annotate(names[k], (x, y), ha="center", va="center", fontsize=8 if n <= 12 else 7,
-                    color=[0.6 * c for c in colour], weight="bold",
-                    path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])  # fmt: skip
+        medians.append((np.median(mine, axis=0), names[k], [0.6 * c for c in colour]))
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, markerscale=1.5,
               handletextpad=0.3, borderaxespad=0)  # fmt: skip
+    fig.tight_layout()
+    _name_clusters(ax, medians, fontsize=8 if n <= 12 else 7)
     return _save(fig, path)
+
+
+def _name_clusters(ax, medians: list, fontsize: int) -> None:
+    """Write each ``(point, name, colour)`` at its point, or the nearest place above or below it
+    where it overlaps no name already written, joined to the point by a thin line."""
+    import matplotlib.patheffects as pe
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    taken = []
+    steps = [0] + [sign * k for k in range(1, 8) for sign in (1, -1)]
+    for (x, y), name, colour in medians:
+        for i, step in enumerate(steps):
+            dy = step * (fontsize + 4)
+            label = ax.annotate(
+                name, (x, y), xytext=(0, dy), textcoords="offset points", ha="center", va="center",
+                fontsize=fontsize, color=colour, weight="bold",
+                path_effects=[pe.withStroke(linewidth=2.5, foreground="white")],
+                arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.7} if dy else None,
+            )  # fmt: skip
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer).expanded(1.04, 1.15)  # the words, not the line
+            if not any(box.overlaps(other) for other in taken) or i == len(steps) - 1:
+                taken.append(box)
+                break
+            label.remove()
 
 
 def plot_embedding(
     features: str | os.PathLike = "features.h5",
-    output: str | os.PathLike = "embedding.png",
+    output: str | os.PathLike | None = None,
     method: str = "tsne",
     max_points: int = 3000,
     seed: int = 0,
 ) -> Path:
     """Save a 2-D map of a feature cache coloured by class (display names from its label map).
 
-    Caches of more than ``max_points`` images are drawn from a seeded random sample of them.
+    ``output`` defaults to ``embedding.png`` beside the cache. Caches of more than ``max_points``
+    images are drawn from a seeded random sample of them.
     """
     from featcache.cache import read_cache
     from featcache.errors import FeatcacheError
+    from featcache.files import writable_file
 
     if method not in PLOT_METHODS:
         raise FeatcacheError(f"unknown method {method!r}: choose one of {', '.join(PLOT_METHODS)}")
     if max_points < 3:
         raise FeatcacheError(f"max_points must be at least 3, not {max_points}")
     cache = read_cache(features)
+    output = writable_file(Path(features).with_name("embedding.png") if output is None else output)
     if len(cache) < 3:
         raise FeatcacheError(f"{features}: {len(cache)} image(s); a map needs at least 3")
     rows = np.arange(len(cache))
@@ -182,6 +214,6 @@ def plot_embedding(
     shown = f"{len(rows)} of {len(cache)}" if len(rows) < len(cache) else f"{len(cache)}"
     title = (
         f"{'t-SNE' if method == 'tsne' else 'PCA'} of {Path(features).name}: {shown} images, "
-        f"{len(cache.classes)} classes, {cache.identity.backbone} features"
+        f"{len(cache.folders)} classes, {cache.identity.backbone} features"
     )
-    return save_embedding_png(points, cache.labels[rows], cache.class_names, output, title)
+    return save_embedding_png(points, cache.labels[rows], cache.names, output, title)

@@ -3,9 +3,8 @@ import os
 import numpy as np
 import pytest
 
-from featcache.backbones.registry import BackboneIdentity
+from featcache.backbones import BackboneIdentity, Preprocessing
 from featcache.cache import FeatureCache, write_cache
-from featcache.images import Preprocessing
 
 os.environ.setdefault("FEATCACHE_OFFLINE", "1")  # tests never reach the network
 
@@ -63,9 +62,9 @@ def dataset(tmp_path):
 
 @pytest.fixture(scope="session")
 def lite0_backbone():
-    from featcache.backbones import create_backbone
+    from featcache.backbones.build import build_backbone
 
-    return create_backbone("efficientnet_lite0")
+    return build_backbone("efficientnet_lite0", traced=False)
 
 
 IDENT = BackboneIdentity("efficientnet_lite0", "IMAGENET1K", "5" * 64, Preprocessing(), "avg", 32)

@@ -6,12 +6,12 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from support import run_featcache
 
 from featcache import demo
 from featcache.cache import read_cache
 from featcache.dataset import load_label_map, scan
 from featcache.errors import FeatcacheError
-from featcache.testing import run_featcache
 
 CLASSES = ["bag", "boot", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "trouser", "tshirt"]
 
@@ -21,7 +21,7 @@ def test_demo_data_is_complete_labelled_licensed_and_small():
     assert sum(p.stat().st_size for p in files) < 1_000_000
     for split, per_class in (("train", 40), ("test", 20)):
         ds = scan(demo.DATA / split)
-        assert ds.classes == CLASSES and not ds.unreadable
+        assert ds.folders == CLASSES and not ds.unreadable
         assert np.bincount([f.label for f in ds.files]).tolist() == [per_class] * 10
     for p in demo.DATA.glob("*/*/*.png"):
         with Image.open(p) as im:
@@ -65,6 +65,7 @@ def demo_runs(tmp_path_factory):
     return work, first, second
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_job_offline(demo_runs):
     work, first, _ = demo_runs
     assert first.returncode == 0, first.stderr
@@ -92,6 +93,7 @@ def test_demo_runs_the_whole_job_offline(demo_runs):
             assert im.format == "PNG" and min(im.size) >= 500
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_the_cache(demo_runs):
     _, first, second = demo_runs
     assert second.returncode == 0, second.stderr
@@ -104,7 +106,7 @@ def test_workdir_of_someone_else_is_refused(tmp_path):
     mine = tmp_path / "project"
     (mine / "models").mkdir(parents=True)
     (mine / "features.h5").write_bytes(b"the user's cache")
-    with pytest.raises(FeatcacheError, match="did not make: choose another --workdir"):
+    with pytest.raises(FeatcacheError, match="did not make: pass another workdir=PATH"):
         demo.prepare_workdir(mine)
     with pytest.raises(FeatcacheError, match="is not a folder"):
         demo.prepare_workdir(mine / "features.h5")

@@ -22,7 +22,7 @@ def test_extract_rows_labels_attributes(dataset, tmp_path, lite0_backbone):
     result = extract(dataset, out, **LITE)
     assert result.n_images == 18 and result.n_computed == 18 and result.written and not result.skipped
     cache = read_cache(out)
-    assert cache.classes == ["cat", "dog", "fox"]
+    assert cache.folders == ["cat", "dog", "fox"]
     assert cache.paths == [f"{c}/{i:03d}.jpg" for c in ("cat", "dog", "fox") for i in range(6)]
     assert cache.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
     assert cache.features.shape == (18, 1280) and cache.features.dtype == np.float32
@@ -44,7 +44,7 @@ def test_unlabelled_files_label_map_and_float16(tmp_path):
     result = extract(data, tmp_path / "f.h5", labels="garbage26", dtype="float16", **LITE)
     cache = read_cache(result.output)
     assert cache.paths[-1] == "loose.png" and cache.labels[-1] == -1
-    assert cache.class_names == ["Plastic Bottle", "Banana Peel"]
+    assert cache.names == ["Plastic Bottle", "Banana Peel"]
     assert cache.label_map.category("03_03") == "wet"
     assert cache.features.dtype == np.float16
     assert cache.class_counts() == {"00_00": 2, "03_03": 2}
@@ -78,7 +78,7 @@ def test_rerun_computes_nothing_and_follows_changes(dataset, tmp_path):
 def test_other_settings_are_never_mixed(dataset, tmp_path):
     out = tmp_path / "features.h5"
     extract(dataset, out, **LITE)
-    with pytest.raises(CacheMismatchError, match="made differently.*pool: avg vs max.*--overwrite"):
+    with pytest.raises(CacheMismatchError, match="made differently.*pool: avg vs max.*overwrite=True"):
         extract(dataset, out, pool="max", **LITE)
     with pytest.raises(FeatcacheError, match="dtype: float32 vs float16"):
         extract(dataset, out, dtype="float16", **LITE)
@@ -141,8 +141,11 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, monkeypatch):
 
 
 def test_missing_folder_is_an_error(tmp_path):
-    with pytest.raises(FeatcacheError, match="not a folder"):
+    with pytest.raises(FeatcacheError, match="nope: no such folder"):
         extract(tmp_path / "nope", tmp_path / "f.h5", **LITE)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(FeatcacheError, match="a.png: not a folder"):
+        extract(tmp_path / "a.png", tmp_path / "f.h5", **LITE)
 
 
 def test_a_saved_trace_is_used_instead_of_building(dataset, tmp_path, monkeypatch):
@@ -166,3 +169,88 @@ def test_a_saved_trace_is_used_instead_of_building(dataset, tmp_path, monkeypatc
     built, traced = read_cache(tmp_path / "built.h5"), read_cache(tmp_path / "traced.h5")
     assert traced.identity == built.identity
     np.testing.assert_allclose(traced.features, built.features, rtol=0, atol=1e-6)
+
+
+def test_another_folder_is_refused_but_a_moved_one_is_reused(dataset, tmp_path):
+    out = tmp_path / "features.h5"
+    extract(dataset, out, **LITE)
+    other = make_dataset(tmp_path / "test", per_class=2, seed=5)
+    with pytest.raises(
+        CacheMismatchError, match="features of another folder .*data, not .*test.*overwrite=True"
+    ):
+        extract(other, out, **LITE)
+    assert len(read_cache(out)) == 18  # nothing lost
+    moved = tmp_path / "moved"
+    dataset.rename(moved)
+    result = extract(moved, out, **LITE)
+    assert (result.n_computed, result.n_reused) == (0, 18) and read_cache(out).data_root == str(
+        moved.resolve()
+    )
+    assert extract(other, out, overwrite=True, **LITE).n_images == 6
+
+
+def test_settings_not_given_are_the_caches(dataset, tmp_path):
+    out = tmp_path / "features.h5"
+    first = extract(dataset, out, pool="avgmax", dtype="float16", **LITE)
+    again = extract(dataset, out, batch_size=4)  # no backbone, pool or dtype: the cache's, not the defaults
+    assert again.identity == first.identity and (again.n_computed, again.written) == (0, False)
+    assert read_cache(out).dtype == "float16"
+
+
+@pytest.mark.parametrize("content", ["nothing", "not images"])
+def test_no_images_is_an_error_and_writes_nothing(tmp_path, content):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    if content == "not images":
+        (data / "a" / "notes.txt").write_text("hello")
+    expected = "no images found under .*data \\(" + (
+        "the folder is empty" if content == "nothing" else "1 file"
+    )
+    with pytest.raises(FeatcacheError, match=expected):
+        extract(data, tmp_path / "f.h5", **LITE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_only_unreadable_images_is_an_error_that_keeps_the_old_cache(dataset, tmp_path):
+    out = tmp_path / "features.h5"
+    extract(dataset, out, **LITE)
+    for path in dataset.rglob("*.jpg"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(FeatcacheError, match="no readable images under .*18 file\\(s\\) skipped"):
+        extract(dataset, out, **LITE)
+    assert len(read_cache(out)) == 18
+
+
+def test_an_output_folder_or_unwritable_place_is_refused_before_any_work(dataset, tmp_path, monkeypatch):
+    import featcache.backbones.build
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(featcache.backbones.build, "build_backbone", no_build)
+    (tmp_path / "folder").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(FeatcacheError, match="folder is a folder: name a file"):
+            extract(dataset, tmp_path / "folder", overwrite=overwrite, **LITE)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FeatcacheError, match="file: cannot write there \\(a file is in the way\\)"):
+        extract(dataset, tmp_path / "file" / "features.h5", **LITE)
+    with pytest.raises(FeatcacheError, match="refusing to replace it"):
+        extract(dataset, tmp_path / "file", **LITE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file", "folder"]
+
+
+def test_ctrl_c_keeps_the_finished_batches(dataset, tmp_path):
+    from featcache.errors import Interrupted
+
+    out = tmp_path / "features.h5"
+
+    def stop_after_two_batches(progress):
+        if progress.stage == "extract" and progress.done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="^8 of 18 images done are kept; run the same extract again"):
+        extract(dataset, out, on_progress=stop_after_two_batches, **LITE)
+    assert not out.exists()
+    result = extract(dataset, out, **LITE)
+    assert (result.n_computed, result.n_reused) == (10, 8)

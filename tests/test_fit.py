@@ -1,16 +1,13 @@
 import json
-import os
-import pickle
 
 import numpy as np
 import pytest
 from conftest import IDENT, synthetic_cache
 
-from featcache.backbones.registry import BackboneIdentity
-from featcache.bundle import load_bundle, manifest_path, save_bundle
+from featcache.backbones import BackboneIdentity, Preprocessing
+from featcache.bundle import ModelBundle, load_bundle, manifest_path, save_bundle
 from featcache.errors import FeatcacheError
 from featcache.fit import evaluate, fit
-from featcache.images import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -56,67 +53,19 @@ def test_cv_results_identical_across_runs(tmp_path):
 def test_bundle_round_trip_and_evaluate(fitted):
     tmp, cache, result = fitted
     bundle = load_bundle(result.model_path)
-    assert bundle["classes"] == ["c0", "c1", "c2", "c3"]
-    assert bundle["identity"] == IDENT.to_dict() and bundle["family"] == result.report["best"]
-    assert bundle["report"]["best"] == result.report["best"] and bundle["featcache_version"]
+    assert bundle.folders == ["c0", "c1", "c2", "c3"] == result.report["folders"]
+    assert bundle.identity == IDENT and bundle.family == result.report["best"]
+    assert bundle.report["best"] == result.report["best"] and bundle.featcache_version
+    assert load_bundle(result.model_path.parent).pipeline_pickle == bundle.pipeline_pickle  # fit -o folder
     ev = evaluate(cache, result.model_path)
     assert ev.accuracy == 1.0 and ev.macro_f1 == 1.0 and ev.n_images == 120
 
 
-def test_tampered_bundles_are_refused_before_unpickling(fitted, tmp_path):
-    _, _, result = fitted
-    data = result.model_path.read_bytes()
-    manifest = manifest_path(result.model_path).read_text()
-
-    def place(name, payload, with_manifest=True):
-        path = tmp_path / name
-        path.write_bytes(payload)
-        if with_manifest:
-            manifest_path(path).write_text(manifest)
-        return path
-
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0x01
-    with pytest.raises(FeatcacheError, match="does not match its manifest.*refusing to unpickle"):
-        load_bundle(place("flipped.joblib", bytes(flipped)))
-    with pytest.raises(FeatcacheError, match="does not match its manifest"):
-        load_bundle(place("short.joblib", data[: len(data) // 3]))
-
-    class Boom:
-        def __reduce__(self):
-            return (exec, ("open('PWNED', 'w').write('x')",))
-
-    evil = pickle.dumps(Boom())
-    with pytest.raises(FeatcacheError, match="does not match its manifest"):
-        load_bundle(place("evil.joblib", evil))
-    with pytest.raises(FeatcacheError, match="no manifest"):
-        load_bundle(place("bare.joblib", evil, with_manifest=False))
-    assert not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
-
-
-def test_verified_but_foreign_payload_is_refused(tmp_path):
-    import hashlib
-
-    import joblib
-
-    path = tmp_path / "m.joblib"
-    joblib.dump([1, 2, 3], path)  # a harmless pickle that is not a featcache model
-    data = path.read_bytes()
-    manifest = {
-        "format": "featcache-model-manifest",
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-    }
-    manifest_path(path).write_text(json.dumps(manifest))
-    with pytest.raises(FeatcacheError, match="not a featcache model"):
-        load_bundle(path)
-
-
 def test_replacing_a_bundle_keeps_one_loadable(tmp_path):
     path = tmp_path / "m.joblib"
-    save_bundle({"x": 1}, path)
-    save_bundle({"x": 2}, path)
-    assert load_bundle(path)["x"] == 2
+    save_bundle(ModelBundle("logreg", ["a", "b"], IDENT, report={"x": 1}), path)
+    save_bundle(ModelBundle("logreg", ["a", "b"], IDENT, report={"x": 2}), path)
+    assert load_bundle(path).report == {"x": 2}
     assert "previous_sha256" not in json.loads(manifest_path(path).read_text())
 
 
@@ -132,7 +81,78 @@ def test_model_refused_on_cache_of_other_backbone(fitted, tmp_path):
 
 def test_too_few_images_per_class_is_a_clear_error(tmp_path):
     cache = synthetic_cache(tmp_path / "f.h5", per_class=3)
-    with pytest.raises(FeatcacheError, match="fewer images than --cv 5 folds: c0 \\(3\\)"):
+    with pytest.raises(FeatcacheError, match="fewer images than the 5 folds \\(cv=5\\): c0 \\(3\\)"):
         fit(cache, cv=5, output=tmp_path / "m")
     with pytest.raises(FeatcacheError, match="model must be one of logreg, linsvm, softmax, all"):
         fit(cache, model="forest", output=tmp_path / "m")
+
+
+def test_only_convergence_warnings_are_counted_the_rest_reach_the_user():
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from featcache.fit import _convergence_warnings
+
+    with pytest.warns(UserWarning, match="something else") as outside:
+        with _convergence_warnings() as counted:
+            warnings.warn("solver stopped", ConvergenceWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in counted] == ["solver stopped"]
+    assert not [w for w in outside if issubclass(w.category, ConvergenceWarning)]
+
+
+def test_fits_that_did_not_converge_are_counted_and_shown(tmp_path, monkeypatch):
+    import dataclasses
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    import featcache.models
+    from featcache.report import families_table
+
+    def one_iteration(seed):
+        clf = LogisticRegression(max_iter=1, random_state=seed)
+        return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+
+    stopped = dataclasses.replace(featcache.models.FAMILIES["logreg"], build=one_iteration)
+    monkeypatch.setitem(featcache.models.FAMILIES, "logreg", stopped)
+    cache = synthetic_cache(tmp_path / "f.h5", separation=0.5)
+    report = fit(cache, model="logreg", cv=3, output=tmp_path / "m").report
+    family = report["families"]["logreg"]
+    assert family["fits"] == 6 and family["not_converged"] == 6
+    assert [g["not_converged"] for g in family["grid"]] == [3, 3] and report["refit_converged"] is False
+    assert (
+        json.loads((tmp_path / "m" / "report.json").read_text())["families"]["logreg"]["not_converged"] == 6
+    )
+    table = families_table(report)
+    assert "logreg: 6 of 6 fits did not converge" in table
+    assert "logreg: the final fit on all images did not converge" in table
+
+
+def test_our_solvers_warn_like_scikit_learns():
+    from sklearn.exceptions import ConvergenceWarning
+
+    from featcache.models import LinearSVM, SoftmaxClassifier
+
+    r = np.random.default_rng(0)
+    X, y = r.normal(size=(120, 8)), np.repeat([0, 1, 2], 40)
+    with pytest.warns(ConvergenceWarning, match="max_iter=1"):
+        LinearSVM(C=10.0, max_iter=1).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="still improving after all epochs=2"):
+        SoftmaxClassifier(epochs=2, lr_max=0.001).fit(X, y)
+
+
+def test_the_table_keeps_its_columns_with_a_two_digit_spread():
+    from featcache.report import families_table
+
+    def family(mean, std):
+        scores = {"cv_accuracy_mean": mean, "cv_accuracy_std": std, "cv_f1_macro_mean": mean}
+        return {**scores, "fit_seconds": 1.0, "best_params": {"clf__C": 0.1}, "fits": 10, "not_converged": 0}
+
+    families = {"logreg": family(0.525, 0.1084), "linsvm": family(0.9, 0.012)}
+    report = {"best": "logreg", "families": families}
+    lines = families_table(report).splitlines()
+    assert len({line.index("%") for line in lines[1:]}) == 1, lines
+    assert "52.50 ± 10.84 %" in lines[1] and "90.00 ±  1.20 %" in lines[2]

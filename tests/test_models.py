@@ -114,11 +114,11 @@ def test_calibration_keeps_the_cross_validated_predictions(n_classes):
 
 
 def test_cli_offers_every_family():
+    from featcache.choices import MODELS
     from featcache.cli import fit as fit_command
-    from featcache.fit import MODEL_CHOICES
 
     option = next(p for p in fit_command.params if p.name == "model")
-    assert tuple(option.type.choices) == MODEL_CHOICES
+    assert tuple(option.type.choices) == MODELS == (*FAMILIES, "all")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -156,3 +156,32 @@ def test_linear_head_refuses_what_it_cannot_reproduce():
             return p / p.sum(1, keepdims=True)
 
     assert linear_head(Nudged(FAMILIES["logreg"].build(0).steps).fit(X, y), X) is None
+
+
+def test_softmax_update_is_pytorchs_sgd():
+    """The NumPy trainer takes the steps torch.optim.SGD takes on nn.Linear with label smoothing."""
+    torch = pytest.importorskip("torch")
+    r = np.random.default_rng(1)
+    X, y = r.normal(size=(50, 6)).astype(np.float32), r.integers(0, 3, 50)
+    params = dict(epochs=3, lr_max=0.1, decay="cosine", momentum=0.9, weight_decay=1e-3,
+                  label_smoothing=0.1, batch_size=16, validation_fraction=0.0, random_state=7)  # fmt: skip
+    ours = SoftmaxClassifier(**params).fit(X, y)
+
+    rng = np.random.default_rng(7)  # the same draws as the estimator: init, then one order per epoch
+    layer = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(rng.uniform(-1 / 6**0.5, 1 / 6**0.5, (3, 6)).astype(np.float32)))
+        layer.bias.copy_(torch.from_numpy(rng.uniform(-1 / 6**0.5, 1 / 6**0.5, 3).astype(np.float32)))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    for epoch in range(3):
+        opt.param_groups[0]["lr"] = SoftmaxClassifier(**params)._lr(epoch)
+        order = torch.from_numpy(rng.permutation(50))
+        for start in range(0, 50, 16):
+            idx = order[start : start + 16]
+            opt.zero_grad()
+            loss_fn(layer(xt[idx]), yt[idx]).backward()
+            opt.step()
+    np.testing.assert_allclose(ours.coef_, layer.weight.detach().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.intercept_, layer.bias.detach().numpy(), rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from conftest import make_dataset
 from torch import nn
 
-from featcache.backbones import create_backbone
+from featcache.backbones.build import build_backbone
 from featcache.backbones.fold import fold_batchnorm
 from featcache.cache import read_cache
 from featcache.errors import FeatcacheError
@@ -44,7 +44,7 @@ def _randomise_batchnorm(model, seed=0):
 
 
 def test_lite0_optimised_matches_unmodified(lite0_backbone, photo, dataset):
-    plain = create_backbone("efficientnet_lite0", optimize=False)
+    plain = build_backbone("efficientnet_lite0", optimize=False)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.model.modules())
     assert plain.folded == 0 and lite0_backbone.folded == n_bn == 49
     assert not any(isinstance(m, nn.BatchNorm2d) for m in lite0_backbone.model.modules())
@@ -57,8 +57,8 @@ def test_lite0_optimised_matches_unmodified(lite0_backbone, photo, dataset):
 
 @pytest.mark.filterwarnings("ignore::featcache.errors.FeatcacheWarning")
 def test_mobilenet_optimised_matches_unmodified(photo, dataset):
-    plain = create_backbone("mobilenet_v2", "random", optimize=False)
-    fast = create_backbone("mobilenet_v2", "random", optimize=False)
+    plain = build_backbone("mobilenet_v2", weights="random", optimize=False)
+    fast = build_backbone("mobilenet_v2", weights="random", optimize=False)
     _randomise_batchnorm(plain.model)
     fast.model.load_state_dict(plain.model.state_dict())
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
@@ -131,7 +131,7 @@ def test_bf16_only_when_asked(lite0_backbone, photo):
     seen = _autocast_seen(lite0_backbone)
     fp32 = lite0_backbone.embed(px)
     assert seen == [False]
-    bf16_net = create_backbone("efficientnet_lite0", precision="bf16")
+    bf16_net = build_backbone("efficientnet_lite0", precision="bf16", traced=False)
     assert bf16_net.identity.precision == "bf16"
     assert bf16_net.identity.differences(lite0_backbone.identity) == ["precision: bf16 vs fp32"]
     seen = _autocast_seen(bf16_net)
@@ -140,7 +140,7 @@ def test_bf16_only_when_asked(lite0_backbone, photo):
     assert not np.allclose(bf16, fp32, rtol=0, atol=1e-6)  # bf16 really ran
     assert _cosines(bf16, fp32).min() > 0.99
     with pytest.raises(FeatcacheError, match="precision must be one of"):
-        create_backbone("efficientnet_lite0", precision="fp16")
+        build_backbone("efficientnet_lite0", precision="fp16", traced=False)
 
 
 def test_bf16_cache_bundle_and_predictor(tmp_path):
@@ -152,7 +152,8 @@ def test_bf16_cache_bundle_and_predictor(tmp_path):
     with h5py.File(out, "r") as f:
         assert f.attrs["precision"] == "bf16"
     with pytest.raises(FeatcacheError, match="precision: bf16 vs fp32"):
-        extract(data, out, backbone="efficientnet_lite0")  # never mixed into a bf16 cache
+        extract(data, out, precision="fp32")  # never mixed into a bf16 cache
+    assert extract(data, out).identity.precision == "bf16"  # not asked: the cache's precision
     result = fit(out, model="logreg", cv=2, output=tmp_path / "models")
     predictor = Predictor.load(result.model_path, device="cpu")
     seen = _autocast_seen(predictor.backbone)

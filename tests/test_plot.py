@@ -67,3 +67,37 @@ def test_plot_errors_are_clear(tmp_path):
     assert not (tmp_path / "m.png").exists()
     result = CliRunner().invoke(cli, ["plot", str(tmp_path / "none.h5")])
     assert result.exit_code != 0
+
+
+def test_class_names_never_cover_each_other(tmp_path, monkeypatch):
+    """Classes whose medians nearly coincide still get names that do not overlap."""
+    from matplotlib.text import Text
+
+    import featcache.report as report
+
+    boxes = []
+    real = report._name_clusters
+
+    def record(ax, medians, fontsize):
+        real(ax, medians, fontsize)
+        renderer = ax.figure.canvas.get_renderer()
+        for t in ax.texts:
+            t.update_positions(renderer)
+            boxes.append(Text.get_window_extent(t, renderer))  # the words, not the line
+
+    monkeypatch.setattr(report, "_name_clusters", record)
+    r = np.random.default_rng(0)
+    points = np.concatenate([r.normal(0, 1, (20, 2)) + 0.01 * k for k in range(6)])  # six classes, one blob
+    labels = np.repeat(np.arange(6), 20)
+    report.save_embedding_png(points, labels, [f"class number {k}" for k in range(6)], tmp_path / "m.png")
+    assert len(boxes) == 6
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if a.overlaps(b)]
+
+
+def test_plot_writes_beside_the_cache_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    features = synthetic_cache(tmp_path / "sub" / "f.h5")
+    result = CliRunner().invoke(cli, ["plot", str(features), "--method", "pca"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sub" / "embedding.png").is_file() and not (tmp_path / "embedding.png").exists()

@@ -9,14 +9,14 @@ from conftest import make_dataset, synthetic_cache
 from PIL import Image
 
 import featcache
-from featcache.backbones.registry import BackboneIdentity
+from featcache.backbones import BackboneIdentity, Preprocessing
 from featcache.cache import read_cache
 from featcache.cli import cli
 from featcache.dataset import load_label_map
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
 from featcache.fit import evaluate, fit
-from featcache.images import Preprocessing, load_pixels
+from featcache.images import load_pixels
 from featcache.predictor import Predictor
 
 # one class of each garbage26 category, so the categories can be checked
@@ -58,9 +58,9 @@ def test_predict_over_training_folder_agrees_with_evaluate(trained, predictor):
     ev = evaluate(cache, model_path)
     by_path = {p.path: p for p in predictor.predict_files([data])}
     assert all(p.error is None for p in by_path.values()) and len(by_path) == len(c)
-    truth = [c.label_map.display(c.classes[k]) for k in c.labels]
+    truth = [c.label_map.display(c.folders[k]) for k in c.labels]
     got = [by_path[str(data / p)].label for p in c.paths]
-    expected = [c.label_map.display(k) for k in predictor.pipeline.predict(c.features)]
+    expected = [c.label_map.display(k) for k in predictor.bundle.pipeline.predict(c.features)]
     assert got == expected
     assert np.mean(np.array(got) == np.array(truth)) == pytest.approx(ev.accuracy)
 
@@ -68,7 +68,7 @@ def test_predict_over_training_folder_agrees_with_evaluate(trained, predictor):
 def test_classes_and_single_or_many(predictor, trained):
     data = trained[1]
     names = load_label_map("garbage26").names
-    assert predictor.classes == [names[c] for c in CLASSES]
+    assert predictor.names == [names[c] for c in CLASSES]
     one = str(data / "02_01" / "000.jpg")
     assert isinstance(predictor.predict(one), str)
     many = predictor.predict([one, one])
@@ -156,24 +156,24 @@ def test_bundle_with_missing_weights_gives_the_extract_error(tmp_path):
 
 
 def test_traced_backbone_is_saved_checked_and_reused(trained, tmp_path, monkeypatch):
-    from featcache.backbones import backbone_for
-    from featcache.backbones.registry import Backbone
+    from featcache.backbones.build import build_backbone
+    from featcache.backbones.eager import EagerBackbone
     from featcache.backbones.traced import TracedBackbone, trace_path
 
     monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "cache"))
     _, data, cache, _ = trained
     c = read_cache(cache)
     pixels = np.stack([load_pixels(data / p, c.identity.preprocessing) for p in c.paths[:5]])
-    built = backbone_for(c.identity)
+    built = build_backbone(c.identity)
     path = trace_path(c.identity, "cpu")
-    assert isinstance(built, Backbone) and path.is_file()
-    loaded = backbone_for(c.identity)
+    assert isinstance(built, EagerBackbone) and path.is_file()
+    loaded = build_backbone(c.identity)
     assert isinstance(loaded, TracedBackbone) and loaded.identity == c.identity
     np.testing.assert_array_equal(loaded.embed(pixels), built.embed(pixels))
     np.testing.assert_allclose(loaded.embed(pixels), c.features[:5], rtol=0, atol=1e-6)
     path.write_bytes(path.read_bytes()[:1000])  # a damaged trace is rebuilt, never used
-    assert isinstance(backbone_for(c.identity), Backbone)
-    assert isinstance(backbone_for(c.identity), TracedBackbone)
+    assert isinstance(build_backbone(c.identity), EagerBackbone)
+    assert isinstance(build_backbone(c.identity), TracedBackbone)
 
 
 def test_predicting_needs_neither_torchvision_timm_nor_sklearn(trained):
@@ -187,3 +187,23 @@ def test_predicting_needs_neither_torchvision_timm_nor_sklearn(trained):
     run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: E731
     run()  # the first process may build the backbone and save its trace
     assert json.loads(run().stdout) == [False, False, False]
+
+
+def test_evaluating_a_folder_gives_exactly_the_labels_predict_gives(tmp_path):
+    """float16 features round differently from float32 ones: both commands must round the same way."""
+    data = make_dataset(tmp_path / "data", classes=CLASSES, per_class=6)
+    held_out = make_dataset(tmp_path / "held_out", classes=CLASSES, per_class=4, seed=3)
+    (held_out / "00_00" / "broken.jpg").write_bytes(b"not a picture")
+    cache = extract(
+        data, tmp_path / "f16.h5", backbone="efficientnet_lite0", dtype="float16", labels="garbage26"
+    )
+    model = fit(cache.output, model="linsvm", cv=3, output=tmp_path / "models").model_path
+    ev = evaluate(held_out, model)
+    result = CliRunner().invoke(cli, ["predict", str(held_out), "--model-path", str(model), "--json"])
+    records = {json.loads(line)["path"]: json.loads(line) for line in result.stdout.splitlines()}
+    assert ev.n_images == 16 and len(records) == 17 and ev.skipped == [("00_00/broken.jpg", ev.skipped[0][1])]
+    names = load_label_map("garbage26").names
+    for path, predicted in zip(ev.paths, ev.predicted, strict=True):
+        assert records[str(held_out / path)]["label"] == names[predicted]
+    right = [names[t] == records[str(held_out / p)]["label"] for p, t in zip(ev.paths, ev.truth, strict=True)]
+    assert ev.accuracy == pytest.approx(np.mean(right))

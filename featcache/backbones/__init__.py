@@ -1,41 +1,29 @@
-"""The backbone registry: ``create_backbone(name, weights, pool)`` is the only way in.
+"""Backbones: what they are (:mod:`.identity`, plain data), which exist (:mod:`.registry`), and
+the one factory that builds them (:func:`featcache.backbones.build.build_backbone`).
 
-Adding a backbone is one :class:`BackboneEntry` registered in a module of this package.
+Importing this package registers the backbone families and imports no torch; building one does.
 """
 
-from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  # noqa: F401,E402  (registers)
-from featcache.backbones.registry import (
-    DEFAULT_BACKBONE,
-    POOLS,
-    PRECISIONS,
+from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  # noqa: F401  (registers)
+from featcache.backbones.identity import (
     RANDOM,
-    Backbone,
     BackboneEntry,
     BackboneIdentity,
+    Embedder,
+    Preprocessing,
     WeightsSource,
-    backbone_for,
-    create_backbone,
-    get_entry,
-    list_backbones,
-    load_backbone,
-    register,
-    resolve_device,
 )
+from featcache.backbones.registry import get_entry, list_backbones, register, register_fallback
 
 __all__ = [
-    "DEFAULT_BACKBONE",
-    "POOLS",
-    "PRECISIONS",
     "RANDOM",
-    "Backbone",
     "BackboneEntry",
     "BackboneIdentity",
+    "Embedder",
+    "Preprocessing",
     "WeightsSource",
-    "backbone_for",
-    "create_backbone",
     "get_entry",
     "list_backbones",
-    "load_backbone",
     "register",
-    "resolve_device",
+    "register_fallback",
 ]

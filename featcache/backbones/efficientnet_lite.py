@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.registry import register
 
-from featcache.backbones.registry import BackboneEntry, WeightsSource, register
-from featcache.images import Preprocessing
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FILENAME = "efficientnet-lite0-57934424.pth"
 

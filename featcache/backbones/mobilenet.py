@@ -4,10 +4,15 @@ torchvision is imported only when the network is built, so that importing featca
 the weights addresses are torchvision's (a test checks that they still agree).
 """
 
-from torch import nn
+from __future__ import annotations
 
-from featcache.backbones.registry import BackboneEntry, WeightsSource, register
-from featcache.images import Preprocessing
+from typing import TYPE_CHECKING
+
+from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _HUB = "https://download.pytorch.org/models/"
 

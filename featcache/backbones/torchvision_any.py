@@ -7,15 +7,19 @@ the architecture's own pooling is available.
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.registry import register_fallback
 
-from featcache.backbones.registry import BackboneEntry, WeightsSource, register_fallback
-from featcache.images import Preprocessing
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
+    from torch import nn
+
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no linear classifier")

@@ -1,36 +1,32 @@
 """Traced backbones kept on disk, so that a new process can skip building the network.
 
 Building a backbone imports torchvision or timm, constructs the network and loads its weights
-(seconds, the bulk of a cold ``featcache predict``); loading a TorchScript trace of the optimised
-network needs torch alone. Traces are kept in :func:`cache_dir`, one file per backbone identity,
-torch version and device type, written whole or not at all. A trace is saved only after it has
-reproduced the network's output exactly, on a batch size other than the one it was traced with.
-bf16 backbones are not traced: autocast inside TorchScript does not round like eager autocast.
+(seconds, the bulk of a cold ``featcache predict``); loading a TorchScript trace of the
+optimised network needs torch alone. Traces are kept in :func:`featcache.files.user_cache_dir`,
+one file per backbone identity, torch version and device type, written whole or not at all. A
+trace is saved only after it has reproduced the network's output exactly, on a batch size other
+than the one it was traced with. bf16 backbones are not traced: autocast inside TorchScript does
+not round like eager autocast.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from featcache import __version__
-from featcache.backbones.registry import Backbone, BackboneIdentity, Described
-from featcache.files import replaced_atomically
+from featcache._version import __version__
+from featcache.backbones.identity import BackboneIdentity, Described
+from featcache.files import replaced_atomically, user_cache_dir
 from featcache.images import normalize
 
-
-def cache_dir() -> Path:
-    """``$FEATCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/featcache``, else ``~/.cache/featcache``."""
-    if os.environ.get("FEATCACHE_CACHE_DIR"):
-        return Path(os.environ["FEATCACHE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "featcache"
+if TYPE_CHECKING:
+    from featcache.backbones.eager import EagerBackbone
 
 
 def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
@@ -39,7 +35,7 @@ def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
         [identity.to_dict(), torch.__version__, __version__, torch.device(device).type], sort_keys=True
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return cache_dir() / "traced" / f"{identity.backbone}-{digest}.pt"
+    return user_cache_dir() / "traced" / f"{identity.backbone}-{digest}.pt"
 
 
 class TracedBackbone(Described):
@@ -71,7 +67,7 @@ def load_traced(identity: BackboneIdentity, device: str | torch.device) -> Trace
     return TracedBackbone(module.eval(), identity, torch.device(device))
 
 
-def save_traced(net: Backbone) -> Path | None:
+def save_traced(net: EagerBackbone) -> Path | None:
     """Trace ``net``, check the trace against it, and save it; None when it cannot be traced exactly."""
     if net.identity.precision != "fp32":
         return None

@@ -1,23 +1,41 @@
-"""Finding a weights file: explicit path, then the torch hub cache, then a checked download."""
+"""Finding a weights file: explicit path, then the torch hub cache, then a checked download.
+
+Nothing here imports torch: the hub folder is found the way torch finds it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import sys
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from featcache.backbones.registry import BackboneEntry, WeightsSource
+from featcache.backbones.identity import BackboneEntry, WeightsSource
+from featcache.backbones.registry import get_entry, list_backbones
 from featcache.errors import FeatcacheError
+from featcache.files import replaced_atomically
 
 _HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")
 
+DownloadProgress = Callable[[int, int | None], None]
+"""Called with the bytes received so far and the total (None when the server does not say)."""
+
+
+class WeightsUnavailableError(FeatcacheError):
+    """A backbone's weights are not on this machine and could not be downloaded."""
+
 
 def hub_checkpoint_dir() -> Path:
-    """The folder where torch (and featcache) keep downloaded weights: ``$TORCH_HOME/hub/checkpoints``."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """The folder where torch (and featcache) keep downloaded weights: ``$TORCH_HOME/hub/checkpoints``
+    (``$XDG_CACHE_HOME/torch`` or ``~/.cache/torch`` when ``TORCH_HOME`` is not set)."""
+    if "torch" in sys.modules:  # honours torch.hub.set_dir() in the caller's process
+        return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))
+    return Path(home) / "hub" / "checkpoints"
 
 
 def offline() -> bool:
@@ -26,12 +44,13 @@ def offline() -> bool:
 
 
 def resolve_weights(
-    entry: BackboneEntry, weights: str, download: bool = True, progress: bool = False
+    entry: BackboneEntry, weights: str, download: bool = True, on_progress: DownloadProgress | None = None
 ) -> tuple[str, Path]:
     """Return ``(label, path)`` of the weights file for ``weights`` on ``entry``.
 
     ``weights`` is one of the entry's weights names or a path to a file. The label is the
-    weights name, or the absolute path for an explicit file.
+    weights name, or the absolute path for an explicit file. A download reports its bytes to
+    ``on_progress``.
     """
     source = entry.weights_source(weights)
     if source is None:
@@ -43,31 +62,69 @@ def resolve_weights(
             f"weights {weights!r} for {entry.name}: not a file and not a known name "
             f"(choose one of {names}, random, or a path to a weights file)"
         )
-    if source.bundled is not None:
-        path = source.bundled()
-        if path is not None and path.is_file():
-            return source.name, path
+    local = _local_file(source)
+    if local is not None:
+        return source.name, local
     cached = hub_checkpoint_dir() / source.filename
-    if cached.is_file():
-        _check_hash_prefix(cached)
-        return source.name, cached
     if source.url is None:
-        raise FeatcacheError(
+        raise WeightsUnavailableError(
             f"{entry.name} weights {source.name} not found: {source.description or source.filename}"
         )
     if not download or offline():
         raise _missing(entry, source, cached, "downloads are disabled")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    prefix = _HASH_PREFIX.search(source.filename)
     try:
-        torch.hub.download_url_to_file(
-            source.url, str(cached), hash_prefix=prefix.group(1) if prefix else None, progress=progress
-        )
-    except RuntimeError as e:  # torch reports a hash mismatch this way
-        raise FeatcacheError(f"download of {source.url} failed its hash check: {e}") from None
-    except OSError as e:  # URLError, timeouts, DNS, refused connections
+        _download(source.url, cached, on_progress)
+    except OSError as e:  # URLError, timeouts, DNS, refused connections, a full disk
         raise _missing(entry, source, cached, f"download failed: {getattr(e, 'reason', e)}") from None
     return source.name, cached
+
+
+def installed_backbones() -> list[str]:
+    """The registered backbones whose default weights are on this machine (no download needed)."""
+    out = []
+    for name in list_backbones():
+        entry = get_entry(name)
+        try:
+            if _local_file(entry.weights[0]) is not None:
+                out.append(name)
+        except FeatcacheError:
+            continue  # a damaged file is no help
+    return out
+
+
+def _local_file(source: WeightsSource) -> Path | None:
+    if source.bundled is not None:
+        path = source.bundled()
+        if path is not None and path.is_file():
+            return path
+    cached = hub_checkpoint_dir() / source.filename
+    if cached.is_file():
+        _check_hash_prefix(cached)
+        return cached
+    return None
+
+
+def _download(url: str, destination: Path, on_progress: DownloadProgress | None) -> None:
+    """Fetch ``url`` into ``destination`` whole, checking the hash prefix its file name carries."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    prefix = _HASH_PREFIX.search(destination.name)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as response, replaced_atomically(destination) as tmp:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        done = 0
+        with open(tmp, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                if on_progress:
+                    on_progress(done, total)
+        if prefix and not digest.hexdigest().startswith(prefix.group(1)):
+            raise FeatcacheError(
+                f"download of {url} failed its hash check: SHA-256 {digest.hexdigest()[:12]}… "
+                f"does not start with {prefix.group(1)}"
+            )
 
 
 def file_sha256(path: Path) -> str:
@@ -87,8 +144,10 @@ def _check_hash_prefix(path: Path) -> None:
         )
 
 
-def _missing(entry: BackboneEntry, source: WeightsSource, cached: Path, why: str) -> FeatcacheError:
-    return FeatcacheError(
+def _missing(entry: BackboneEntry, source: WeightsSource, cached: Path, why: str) -> WeightsUnavailableError:
+    installed = [name for name in installed_backbones() if name != entry.name]
+    other = f", or use backbone={installed[0]!r}, whose weights are installed here" if installed else ""
+    return WeightsUnavailableError(
         f"{entry.name} weights {source.name} are not on this machine ({why}); "
-        f"download {source.url} and save it as {cached}, or pass --weights PATH"
+        f"download {source.url} and save it as {cached}, or pass weights=PATH{other}"
     )

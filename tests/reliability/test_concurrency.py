@@ -1,17 +1,20 @@
 """Several processes at once: predictors sharing one bundle, readers of a cache that is being updated."""
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 from conftest import make_dataset, make_image
+from support import start_featcache
 
 from featcache.cache import read_cache
 from featcache.extract import extract
 from featcache.fit import evaluate, fit
 from featcache.predictor import Predictor
-from featcache.testing import start_featcache
+
+pytestmark = pytest.mark.slow  # run by make test and CI, left out by pytest -m "not slow"
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,12 @@ def test_predictors_in_parallel_agree_and_share_one_trace(trained, tmp_path, mon
     traces = tmp_path / "traces"
     monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(traces))  # empty: all four race to build the trace
     procs = [
-        start_featcache(["predict", data, "--model-path", model, "--json", "--top-k", "2"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        start_featcache(
+            ["predict", data, "--model-path", model, "--json", "--top-k", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for _ in range(4)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -47,9 +54,9 @@ def test_predictors_in_parallel_agree_and_share_one_trace(trained, tmp_path, mon
 def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, tmp_path):
     root, data, model = trained
     out = tmp_path / "features.h5"
-    old = read_cache(extract(data, out, backbone="efficientnet_lite0", batch_size=4).output)
     grown = tmp_path / "grown"
-    make_dataset(grown, classes=("a", "b"), per_class=8)
+    shutil.copytree(data, grown)
+    old = read_cache(extract(grown, out, backbone="efficientnet_lite0", batch_size=4).output)
     for i in range(16):
         make_image(grown / "a" / f"more{i:02d}.jpg", 7000 + i)
     new = read_cache(extract(grown, tmp_path / "reference.h5", backbone="efficientnet_lite0").output)

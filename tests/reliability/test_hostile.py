@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 from conftest import make_dataset
+from support import can_honour_permissions, hostile_corpus, kinds, run_featcache
 
 from featcache.cache import read_cache
 from featcache.extract import extract
 from featcache.fit import fit
 from featcache.images import load_pixels
-from featcache.testing import can_honour_permissions, hostile_corpus, kinds, run_featcache
 
 BACKBONE = ["--backbone", "efficientnet_lite0"]
 

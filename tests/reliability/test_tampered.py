@@ -1,16 +1,17 @@
 """Damaged, swapped and malicious model files are refused with a clear message; no code runs."""
 
+import json
+
 import pytest
 from conftest import synthetic_cache
+from support import PWNED, tampered_models
 
 import featcache.bundle
-from featcache.backbones.registry import BackboneIdentity
-from featcache.bundle import UnsafePickleError, load_bundle, safe_load
+from featcache.backbones import BackboneIdentity, Preprocessing
+from featcache.bundle import UnsafePickleError, load_bundle, manifest_path, safe_load
 from featcache.cli import main
 from featcache.errors import FeatcacheError
 from featcache.fit import evaluate, fit
-from featcache.images import Preprocessing
-from featcache.testing import PWNED, tampered_models
 
 OTHER = BackboneIdentity("mobilenet_v2", "IMAGENET1K_V1", "b" * 64, Preprocessing(), "avg", 16)
 
@@ -64,7 +65,7 @@ def test_every_tampered_file_is_refused_and_runs_nothing(models, tmp_path, monke
 def test_a_valid_bundle_of_another_backbone_is_refused_on_these_features(models):
     cache, tampered = models
     swapped = tampered["another backbone's valid bundle with its manifest"]
-    assert load_bundle(swapped)["identity"]["backbone"] == "mobilenet_v2"  # a genuine model...
+    assert load_bundle(swapped).identity.backbone == "mobilenet_v2"  # a genuine model...
     message = "extracted differently.*backbone: efficientnet_lite0 vs mobilenet_v2"
     with pytest.raises(FeatcacheError, match=message):
         evaluate(cache, swapped)  # ...but never applied to another backbone's features
@@ -82,6 +83,24 @@ def test_the_cli_says_one_line_and_exits_1(models, tmp_path, monkeypatch, capsys
         assert exit_.value.code == 1, (kind, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (kind, err)
     assert not (tmp_path / PWNED).exists()
+
+
+def test_verified_but_foreign_payload_is_refused(tmp_path):
+    import hashlib
+
+    import joblib
+
+    path = tmp_path / "m.joblib"
+    joblib.dump([1, 2, 3], path)  # a harmless pickle that is not a featcache model
+    data = path.read_bytes()
+    manifest = {
+        "format": "featcache-model-manifest",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+    manifest_path(path).write_text(json.dumps(manifest))
+    with pytest.raises(FeatcacheError, match="not a featcache model"):
+        load_bundle(path)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Fault injection for featcache's reliability tests and benchmark.
+"""Fault injection for featcache's reliability tests and benchmark (not part of the package).
 
 - :func:`hostile_corpus` writes a folder of bad and unusual image files, each described by a
   :class:`HostileFile` that says whether it should decode and to which pixels.
@@ -296,11 +296,12 @@ def run_featcache(
     vanish: Sequence[str | os.PathLike] = (),
     honour_permissions: bool = False,
     timeout: float = 600,
+    **popen,
 ) -> subprocess.CompletedProcess:
     """Run ``featcache ARGS`` like :func:`start_featcache` and wait; output is captured as text."""
     proc = start_featcache(
         args, kill_at_replace, when, vanish, honour_permissions,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", **popen,
     )  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -1,0 +1,15 @@
+"""The choices featcache offers, in one place that the library and the command line both read.
+
+Plain data, no heavy imports: the command line builds its option lists from here.
+"""
+
+DEFAULT_BACKBONE = "mobilenet_v2"
+FAMILIES = ("logreg", "linsvm", "softmax")
+MODELS = (*FAMILIES, "all")
+POOLS = ("avg", "max", "avgmax")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+PLOT_METHODS = ("tsne", "pca")
+RESIZE_POLICIES = ("stretch", "center_crop")
+INTERPOLATIONS = ("bilinear", "bicubic")
