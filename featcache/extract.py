@@ -143,8 +143,7 @@ def extract(
     if len(cache) == 0:
         partial.remove()
         raise FeatcacheError(
-            f"no readable images under {data_dir}: {len(skipped)} file(s) skipped "
-            f"({'; '.join(f'{p}: {r}' for p, r in skipped[:3])}{'; …' if len(skipped) > 3 else ''})"
+            f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
         )
     n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
     written = previous is None or not previous.same_content(cache)
@@ -215,10 +214,13 @@ def _what_was_found(dataset: Dataset) -> str:
     if dataset.ignored:
         parts.append(f"{dataset.ignored} file(s) that are not images")
     if dataset.unreadable:
-        reasons = "; ".join(f"{p}: {r}" for p, r in dataset.unreadable[:3])
-        more = "; …" if len(dataset.unreadable) > 3 else ""
-        parts.append(f"{len(dataset.unreadable)} unreadable ({reasons}{more})")
+        parts.append(f"{len(dataset.unreadable)} unreadable ({_first(dataset.unreadable)})")
     return f" ({', '.join(parts)})" if parts else " (the folder is empty)"
+
+
+def _first(skipped: list[tuple[str, str]], n: int = 3) -> str:
+    """The first ``n`` skipped files with their reasons, for one line."""
+    return "; ".join(f"{p}: {r}" for p, r in skipped[:n]) + ("; …" if len(skipped) > n else "")
 
 
 def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, _Row]:
