@@ -33,7 +33,9 @@ class FeatureCache:
     Row ``i`` is the image ``paths[i]`` (relative to ``data_root``, ``/``-separated), with class
     index ``labels[i]`` into the class folder names ``folders`` (-1 when unlabelled), embedding
     ``features[i]``, and the file's ``sizes[i]``/``mtimes_ns[i]`` when it was read. ``skipped``
-    lists ``(path, reason)``.
+    lists ``(path, reason)``. ``engine`` names what computed the features (``openvino``,
+    ``torch``, or both, comma-separated); it is recorded, not compared, as the engines' fp32
+    features are interchangeable.
     """
 
     features: np.ndarray
@@ -47,6 +49,7 @@ class FeatureCache:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_root: str = ""
     dtype: str = "float32"
+    engine: str = ""
     created: str = ""
     featcache_version: str = __version__
 
@@ -120,6 +123,7 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
                     "pool": ident.pool,
                     "precision": ident.precision,
                     "dtype": cache.dtype,
+                    "engine": cache.engine,
                     "label_map": json.dumps(cache.label_map.to_dict(), sort_keys=True),
                     "data_root": cache.data_root,
                     "created": cache.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -164,6 +168,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 skipped=skipped,
                 data_root=str(f.attrs["data_root"]),
                 dtype=str(f.attrs["dtype"]),
+                engine=str(f.attrs.get("engine", "torch")),  # before engines, all were torch
                 created=str(f.attrs["created"]),
                 featcache_version=str(f.attrs["featcache_version"]),
             )

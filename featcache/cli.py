@@ -53,6 +53,16 @@ def _device_option(help_text: str):
     )
 
 
+def _engine_option(help_text: str):
+    return click.option(
+        "--engine",
+        type=click.Choice(choices.ENGINES),
+        default="auto",
+        show_default=True,
+        help=help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO.",
+    )
+
+
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="featcache")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
@@ -137,6 +147,7 @@ def backbones() -> None:
     help="Decoding threads working ahead of the model (0: decode in the main thread).",
 )
 @_device_option("Where the backbone runs.")
+@_engine_option("What runs the backbone.")
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -155,6 +166,7 @@ def extract(
     batch_size: int,
     workers: int,
     device: str,
+    engine: str,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -179,6 +191,7 @@ def extract(
             batch_size=batch_size,
             workers=workers,
             device=device,
+            engine=engine,
             overwrite=overwrite,
             on_progress=bar.update,
         )
@@ -207,8 +220,8 @@ def info(features: str, show_skipped: bool) -> None:
     click.echo(f"  backbone     {ident.backbone}, weights {ident.weights}")
     click.echo(f"  weights sha  {ident.weights_sha256}")
     click.echo(
-        f"  features     {ident.feature_dim}-d, {ident.pool} pooling, computed in {ident.precision}, "
-        f"stored as {cache.dtype}"
+        f"  features     {ident.feature_dim}-d, {ident.pool} pooling, computed in {ident.precision}"
+        f"{f' on {cache.engine}' if cache.engine else ''}, stored as {cache.dtype}"
     )
     click.echo(f"  preprocess   {p.size}x{p.size} {p.resize} ({p.interpolation}), mean {p.mean}, std {p.std}")
     click.echo(f"  data root    {cache.data_root}")
@@ -261,7 +274,8 @@ def _echo_extract(result) -> None:
     ident = result.identity
     click.echo(
         f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
-        f"{ident.feature_dim}-d {ident.pool}-pooled, {ident.precision}; computed {result.n_computed}, "
+        f"{ident.feature_dim}-d {ident.pool}-pooled, {ident.precision} on {result.engine}; "
+        f"computed {result.n_computed}, "
         f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
         + ("" if result.written else " (unchanged)")
     )
@@ -343,7 +357,8 @@ def _echo_fit(result, per_class: bool = True) -> None:
 )
 @_batch_size_option("Images per forward pass (image folders only).")
 @_device_option("Where the backbone runs (image folders only).")
-def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None:
+@_engine_option("What runs the backbone (image folders only).")
+def evaluate(source: str, model_path: str, batch_size: int, device: str, engine: str) -> None:
     """Score a saved model on a feature cache or a labelled image folder.
 
     SOURCE is a cache made with the model's backbone, or a folder laid out like the training
@@ -352,7 +367,9 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str) -> None
     """
     from featcache.fit import evaluate as run_evaluate
 
-    _echo_evaluation(source, run_evaluate(source, model_path, batch_size=batch_size, device=device))
+    _echo_evaluation(
+        source, run_evaluate(source, model_path, batch_size=batch_size, device=device, engine=engine)
+    )
 
 
 def _echo_evaluation(source: str, ev) -> None:
@@ -378,8 +395,15 @@ def _echo_evaluation(source: str, ev) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
 @_batch_size_option("Images per forward pass.")
 @_device_option("Where the backbone runs; auto picks CUDA when available.")
+@_engine_option("What runs the backbone.")
 def predict(
-    paths: tuple[str, ...], model_path: str, top_k: int, as_json: bool, batch_size: int, device: str
+    paths: tuple[str, ...],
+    model_path: str,
+    top_k: int,
+    as_json: bool,
+    batch_size: int,
+    device: str,
+    engine: str,
 ) -> None:
     """Classify image files and folders (recursively) with a saved model.
 
@@ -389,7 +413,7 @@ def predict(
     """
     from featcache.predictor import Predictor
 
-    predictor = Predictor.load(model_path, device=device, batch_size=batch_size)
+    predictor = Predictor.load(model_path, device=device, batch_size=batch_size, engine=engine)
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None

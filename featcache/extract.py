@@ -49,6 +49,7 @@ class ExtractResult:
     n_removed: int
     written: bool
     identity: BackboneIdentity
+    engine: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -65,6 +66,7 @@ def extract(
     batch_size: int = 32,
     workers: int = 2,
     device: str = "auto",
+    engine: str = "auto",
     overwrite: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> ExtractResult:
@@ -76,8 +78,9 @@ def extract(
     they default to ``mobilenet_v2``, its first weights, ``avg``, ``float32`` and ``fp32``. A
     cache made with other settings, or from another folder, is an error unless ``overwrite``
     (a folder that was only moved, holding the same files, is reused). Unreadable files are
-    skipped and listed. Ctrl-C raises :class:`~featcache.errors.Interrupted`; the images done
-    so far are kept for the next run.
+    skipped and listed. ``engine`` and ``device`` choose what runs the backbone (see
+    :func:`~featcache.backbones.build.build_backbone`). Ctrl-C raises
+    :class:`~featcache.errors.Interrupted`; the images done so far are kept for the next run.
     """
     start = time.monotonic()
     if batch_size < 1 or workers < 0:
@@ -107,7 +110,7 @@ def extract(
 
     net = build_backbone(
         backbone, weights=weights, pool=pool or "avg", precision=precision or "fp32", device=device,
-        on_download=downloaded,
+        engine=engine, on_download=downloaded,
     )  # fmt: skip
     identity = net.identity
     if previous is not None:
@@ -140,6 +143,8 @@ def extract(
         label_map = previous.label_map if previous is not None else LabelMap()
     skipped = sorted([*dataset.unreadable, *partial.skipped.items()], key=lambda s: os.fsencode(s[0]))
     cache = _assemble(dataset, identity, dtype, label_map, reusable, partial.rows, skipped)
+    engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
+    cache.engine = ", ".join(sorted(engines | ({net.engine} if len(partial.rows) else set())))
     if len(cache) == 0:
         partial.remove()
         raise FeatcacheError(
@@ -158,6 +163,7 @@ def extract(
         n_removed=n_removed,
         written=written,
         identity=identity,
+        engine=net.engine,
         skipped=skipped,
         seconds=time.monotonic() - start,
     )
@@ -202,9 +208,12 @@ def _check_same_settings(
     differences = previous.identity.differences(identity)
     if previous.dtype != dtype:
         differences.append(f"dtype: {previous.dtype} vs {dtype}")
+    why = ""
+    if "preprocessing jpeg_draft: False vs True" in differences:
+        why = " (made before featcache decoded large JPEGs in draft mode, which moves pixels by a grey level)"
     if differences:
         raise CacheMismatchError(
-            f"{output} holds features made differently ({'; '.join(differences)}): "
+            f"{output} holds features made differently ({'; '.join(differences)}){why}: "
             "pass overwrite=True to replace it, or output=OTHER.h5 to write another file"
         )
 

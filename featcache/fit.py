@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from featcache.choices import MODELS
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import writable_folder
+
+if TYPE_CHECKING:
+    from featcache.predictor import Predictor
 
 
 @dataclass
@@ -143,6 +146,7 @@ def fit(
         "confusion_matrix": confusion_matrix(y, pred, labels=folders).tolist(),
         "folders": folders.tolist(),
         "features": str(Path(features).resolve()),
+        "engine": cache.engine,
     }
     bundle = ModelBundle.with_pipeline(
         final,
@@ -210,6 +214,7 @@ def evaluate(
     batch_size: int = 32,
     workers: int = 2,
     device: str = "auto",
+    engine: str = "auto",
 ) -> Evaluation:
     """Score the model at ``model_path`` on a feature cache or on a labelled image folder.
 
@@ -221,7 +226,8 @@ def evaluate(
         raise FeatcacheError(f"{source}: no such feature cache or image folder")
     bundle = load_bundle(model_path)
     if source.is_dir():
-        paths, truth, predicted, skipped = _predict_folder(bundle, source, batch_size, workers, device)
+        predictor = _predictor(bundle, device, engine, batch_size, workers)
+        paths, truth, predicted, skipped = _predict_folder(predictor, source)
     else:
         cache = read_cache(source)
         differences = cache.identity.differences(bundle.identity)
@@ -245,16 +251,20 @@ def evaluate(
     return _score(bundle, paths, truth, predicted, skipped)
 
 
-def _predict_folder(
-    bundle: ModelBundle, folder: Path, batch_size: int, workers: int, device: str
-) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
-    """Classify the labelled images of ``folder`` with :class:`Predictor`, as ``predict`` would."""
-    from featcache.dataset import scan
+def _predictor(bundle: ModelBundle, device: str, engine: str, batch_size: int, workers: int) -> Predictor:
     from featcache.predictor import Predictor
+
+    return Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers)
+
+
+def _predict_folder(
+    predictor: Predictor, folder: Path
+) -> tuple[list[str], list[str], list[str], list[tuple[str, str]]]:
+    """Classify the labelled images of ``folder`` with ``predictor``, as ``predict`` would."""
+    from featcache.dataset import scan
 
     dataset = scan(folder)
     files = [f for f in dataset.files if f.label >= 0]
-    predictor = Predictor(bundle, device=device, batch_size=batch_size, workers=workers)
     paths, truth, predicted = [], [], []
     skipped = list(dataset.unreadable)
     results = predictor.predict_files([dataset.path(f.relpath) for f in files])

@@ -70,6 +70,7 @@ class Predictor:
         device: str = "auto",
         batch_size: int = 32,
         workers: int = 2,
+        engine: str = "auto",
     ):
         from featcache.backbones.build import build_backbone
 
@@ -81,7 +82,7 @@ class Predictor:
         self.feature_dtype = np.dtype(bundle.feature_dtype)
         self.batch_size = batch_size
         self.workers = workers
-        self.backbone = build_backbone(self.identity, device=device)
+        self.backbone = build_backbone(self.identity, device=device, engine=engine)
 
     @classmethod
     def load(
@@ -90,9 +91,11 @@ class Predictor:
         device: str = "auto",
         batch_size: int = 32,
         workers: int = 2,
+        engine: str = "auto",
     ) -> Predictor:
-        """Load a verified model bundle (a file, or the folder ``fit`` wrote) and build its backbone."""
-        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers)
+        """Load a verified model bundle (a file, or the folder ``fit`` wrote) and build its backbone
+        on ``engine`` (see :func:`featcache.backbones.build.build_backbone`)."""
+        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers, engine=engine)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         # rounded through the cache dtype the model was fit on (float16 caches are mirrored)

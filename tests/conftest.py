@@ -64,7 +64,7 @@ def dataset(tmp_path):
 def lite0_backbone():
     from featcache.backbones.build import build_backbone
 
-    return build_backbone("efficientnet_lite0", traced=False)
+    return build_backbone("efficientnet_lite0", engine="torch", traced=False)
 
 
 IDENT = BackboneIdentity("efficientnet_lite0", "IMAGENET1K", "5" * 64, Preprocessing(), "avg", 32)

@@ -23,7 +23,7 @@ CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
 @pytest.fixture(scope="module")
 def lite0():
-    return build_backbone("efficientnet_lite0", traced=False)
+    return build_backbone("efficientnet_lite0", engine="torch", traced=False)
 
 
 def _top(backbone, image, k):
@@ -53,18 +53,18 @@ def test_embed_shapes_and_pools(lite0, photo):
     px = np.stack([load_pixels(photo, lite0.preprocessing)] * 2)
     avg = lite0.embed(px)
     assert avg.shape == (2, 1280) and avg.dtype == np.float32
-    both = build_backbone("efficientnet_lite0", pool="avgmax", traced=False)
+    both = build_backbone("efficientnet_lite0", pool="avgmax", engine="torch", traced=False)
     am = both.embed(px)
     assert am.shape == (2, 2560) and both.identity.feature_dim == 2560
     np.testing.assert_allclose(am[:, :1280], avg, rtol=1e-5, atol=1e-6)
-    mx = build_backbone("efficientnet_lite0", pool="max", traced=False).embed(px)
+    mx = build_backbone("efficientnet_lite0", pool="max", engine="torch", traced=False).embed(px)
     assert (mx >= avg - 1e-6).all()
     assert both.identity.differences(lite0.identity) == ["pool: avgmax vs avg", "feature_dim: 2560 vs 1280"]
 
 
 def test_explicit_weights_path_same_tensors(lite0):
     path = get_entry("efficientnet_lite0").weights[0].bundled()
-    b = build_backbone("efficientnet_lite0", weights=str(path), traced=False)
+    b = build_backbone("efficientnet_lite0", weights=str(path), engine="torch", traced=False)
     assert b.identity.weights == str(path)
     assert b.identity.weights_sha256 == lite0.identity.weights_sha256
     assert b.identity.differences(lite0.identity) == []
@@ -74,7 +74,7 @@ def test_missing_mobilenet_weights_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("FEATCACHE_OFFLINE", "1")
     with pytest.raises(FeatcacheError) as e:
-        build_backbone("mobilenet_v2", traced=False)
+        build_backbone("mobilenet_v2", engine="torch", traced=False)
     msg = str(e.value)
     assert "\n" not in msg
     assert "IMAGENET1K_V1" in msg and MobileNet_V2_Weights.IMAGENET1K_V1.url in msg
@@ -166,7 +166,7 @@ def test_failed_download_is_one_clear_line(tmp_path, monkeypatch, weights_server
     with pytest.raises(
         FeatcacheError, match=r"download failed: .*name resolution\); download .* and save it as"
     ):
-        build_backbone("mobilenet_v2", weights="IMAGENET1K_V2", traced=False)
+        build_backbone("mobilenet_v2", weights="IMAGENET1K_V2", engine="torch", traced=False)
     assert calls == [MobileNet_V2_Weights.IMAGENET1K_V2.url]
 
 
@@ -176,7 +176,7 @@ def test_hub_cache_is_used_and_hash_checked(tmp_path, monkeypatch):
     ckpt.mkdir(parents=True)
     (ckpt / "mobilenet_v2-b0353104.pth").write_bytes(b"not the weights")
     with pytest.raises(FeatcacheError, match="damaged.*delete it"):
-        build_backbone("mobilenet_v2", traced=False)
+        build_backbone("mobilenet_v2", engine="torch", traced=False)
 
 
 def test_hub_cache_file_is_found(tmp_path, monkeypatch):
@@ -198,9 +198,9 @@ def test_hub_cache_file_is_found(tmp_path, monkeypatch):
 
 def test_random_weights_warn_and_are_deterministic(photo):
     with pytest.warns(FeatcacheWarning, match="random weights"):
-        a = build_backbone("mobilenet_v2", weights="random", traced=False)
+        a = build_backbone("mobilenet_v2", weights="random", engine="torch", traced=False)
     with pytest.warns(FeatcacheWarning):
-        b = build_backbone("mobilenet_v2", weights="random", traced=False)
+        b = build_backbone("mobilenet_v2", weights="random", engine="torch", traced=False)
     assert a.identity.weights == "random" and a.identity == b.identity
     px = load_pixels(photo, a.preprocessing)[None]
     np.testing.assert_array_equal(a.embed(px), b.embed(px))
@@ -208,11 +208,11 @@ def test_random_weights_warn_and_are_deterministic(photo):
 
 def test_any_torchvision_model(photo):
     with pytest.warns(FeatcacheWarning):
-        b = build_backbone("resnet18", weights="random", traced=False)
+        b = build_backbone("resnet18", weights="random", engine="torch", traced=False)
     assert b.embed(load_pixels(photo, b.preprocessing)[None]).shape == (1, 512)
     assert get_entry("resnet18").weights[0].name == "IMAGENET1K_V1"
     with pytest.raises(FeatcacheError, match="not available"):
-        build_backbone("resnet18", weights="random", pool="max", traced=False)
+        build_backbone("resnet18", weights="random", pool="max", engine="torch", traced=False)
 
 
 def test_registry_errors():
@@ -220,19 +220,19 @@ def test_registry_errors():
     with pytest.raises(FeatcacheError, match="unknown backbone 'nope'.*mobilenet_v2, efficientnet_lite0"):
         get_entry("nope")
     with pytest.raises(FeatcacheError, match="not a file and not a known name.*IMAGENET1K_V1, IMAGENET1K_V2"):
-        build_backbone("mobilenet_v2", weights="IMAGENET9", traced=False)
+        build_backbone("mobilenet_v2", weights="IMAGENET9", engine="torch", traced=False)
     with pytest.raises(FeatcacheError, match="pool 'median'"):
-        build_backbone("efficientnet_lite0", pool="median", traced=False)
+        build_backbone("efficientnet_lite0", pool="median", engine="torch", traced=False)
 
 
 def test_wrong_weights_file_is_refused(tmp_path):
     lite = get_entry("efficientnet_lite0").weights[0].bundled()
     with pytest.raises(FeatcacheError, match="does not fit backbone mobilenet_v2"):
-        build_backbone("mobilenet_v2", weights=str(lite), traced=False)
+        build_backbone("mobilenet_v2", weights=str(lite), engine="torch", traced=False)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00" * 100)
     with pytest.raises(FeatcacheError, match="cannot load weights file"):
-        build_backbone("mobilenet_v2", weights=str(junk), traced=False)
+        build_backbone("mobilenet_v2", weights=str(junk), engine="torch", traced=False)
 
 
 def test_bundled_file_name():

@@ -155,17 +155,24 @@ def test_a_saved_trace_is_used_instead_of_building(dataset, tmp_path, monkeypatc
     monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(tmp_path / "traces"))
     code = (
         "import sys, json; from featcache.extract import extract; "
-        f"extract({str(dataset)!r}, sys.argv[1], backbone='efficientnet_lite0', overwrite=True); "
-        "print(json.dumps([m in sys.modules for m in ('torchvision', 'timm')]))"
+        f"extract({str(dataset)!r}, sys.argv[1], backbone='efficientnet_lite0', engine=sys.argv[2]); "
+        "print(json.dumps([m in sys.modules for m in ('torchvision', 'timm', 'torch')]))"
     )
-    runs = []
-    for name in ("built.h5", "traced.h5"):
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True, check=True
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs == [[True, True], [False, False]]  # the second run loads the trace the first saved
-    assert list((tmp_path / "traces").rglob("*.pt"))
+
+    def run(name: str, engine: str) -> list[bool]:
+        args = [sys.executable, "-c", code, str(tmp_path / name), engine]
+        out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    # the second run loads what the first saved: a trace (torch alone), or an IR (no torch at all)
+    assert [run("built.h5", "torch"), run("traced.h5", "torch")] == [[True, True, True], [False, False, True]]
+    assert [run("ir-built.h5", "openvino"), run("ir.h5", "openvino")] == [[True] * 3, [False] * 3]
+    assert list((tmp_path / "traces").rglob("*.pt")) and list((tmp_path / "traces").rglob("model.bin"))
+    for name in ("ir-built.h5", "ir.h5"):
+        other = read_cache(tmp_path / name)
+        assert other.engine == "openvino"
+        built = read_cache(tmp_path / "built.h5").features
+        np.testing.assert_allclose(other.features, built, rtol=0, atol=1e-4)
     built, traced = read_cache(tmp_path / "built.h5"), read_cache(tmp_path / "traced.h5")
     assert traced.identity == built.identity
     np.testing.assert_allclose(traced.features, built.features, rtol=0, atol=1e-6)

@@ -131,7 +131,7 @@ def test_bf16_only_when_asked(lite0_backbone, photo):
     seen = _autocast_seen(lite0_backbone)
     fp32 = lite0_backbone.embed(px)
     assert seen == [False]
-    bf16_net = build_backbone("efficientnet_lite0", precision="bf16", traced=False)
+    bf16_net = build_backbone("efficientnet_lite0", precision="bf16", engine="torch", traced=False)
     assert bf16_net.identity.precision == "bf16"
     assert bf16_net.identity.differences(lite0_backbone.identity) == ["precision: bf16 vs fp32"]
     seen = _autocast_seen(bf16_net)
@@ -140,23 +140,33 @@ def test_bf16_only_when_asked(lite0_backbone, photo):
     assert not np.allclose(bf16, fp32, rtol=0, atol=1e-6)  # bf16 really ran
     assert _cosines(bf16, fp32).min() > 0.99
     with pytest.raises(FeatcacheError, match="precision must be one of"):
-        build_backbone("efficientnet_lite0", precision="fp16", traced=False)
+        build_backbone("efficientnet_lite0", precision="fp16", engine="torch", traced=False)
 
 
-def test_bf16_cache_bundle_and_predictor(tmp_path):
+@pytest.mark.filterwarnings("ignore:this CPU has no bfloat16")
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_bf16_cache_bundle_and_predictor(tmp_path, engine):
     data = make_dataset(tmp_path / "data", per_class=4)
     out = tmp_path / "features.h5"
-    extract(data, out, backbone="efficientnet_lite0", precision="bf16", workers=0)
+    extract(data, out, backbone="efficientnet_lite0", precision="bf16", workers=0, engine=engine)
     cache = read_cache(out)
     assert cache.identity.precision == "bf16"
     with h5py.File(out, "r") as f:
         assert f.attrs["precision"] == "bf16"
     with pytest.raises(FeatcacheError, match="precision: bf16 vs fp32"):
         extract(data, out, precision="fp32")  # never mixed into a bf16 cache
-    assert extract(data, out).identity.precision == "bf16"  # not asked: the cache's precision
+    assert extract(data, out, engine=engine).identity.precision == "bf16"  # not asked: the cache's
     result = fit(out, model="logreg", cv=2, output=tmp_path / "models")
-    predictor = Predictor.load(result.model_path, device="cpu")
-    seen = _autocast_seen(predictor.backbone)
+    predictor = Predictor.load(result.model_path, device="cpu", engine=engine)
+    assert predictor.backbone.engine == engine and predictor.backbone.identity.precision == "bf16"
+    if engine == "torch":
+        seen = _autocast_seen(predictor.backbone)
     feats = predictor.embed([data / p for p in cache.paths])
-    assert seen and all(seen)
+    if engine == "torch":
+        assert seen and all(seen)
     np.testing.assert_allclose(feats, cache.features, rtol=0, atol=1e-6)
+    fp32 = Predictor.load(result.model_path.parent, device="cpu", engine=engine)  # to compare
+    fp32.backbone = build_backbone("efficientnet_lite0", engine=engine)
+    plain = fp32.embed([data / p for p in cache.paths])
+    assert not np.allclose(plain, feats, rtol=0, atol=1e-6)  # bf16 really ran
+    assert _cosines(plain, feats).min() > 0.95  # tiny synthetic pictures: bf16's worst case

@@ -1,25 +1,31 @@
 """The one way to build a backbone: :func:`build_backbone` returns an :class:`Embedder`.
 
 A backbone is built from its name and settings, or from the identity recorded in a cache or a
-model. A trace saved by an earlier run is loaded when there is one (torch alone, no
-torchvision or timm, no network construction); otherwise the network is built eagerly and a
-trace of it is saved for next time.
+model, on an engine: OpenVINO on the CPU, PyTorch on a CUDA GPU (and on the CPU when asked, or
+when a network does not convert). What an earlier run saved is loaded when it is there (an
+OpenVINO IR, or a TorchScript trace): no network construction, and for OpenVINO no torch at all.
+Otherwise the network is built eagerly in PyTorch, and what the engine needs is saved for next
+time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import os
+import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from featcache.backbones.eager import EagerBackbone, state_sha256
 from featcache.backbones.identity import RANDOM, BackboneEntry, BackboneIdentity, Embedder
 from featcache.backbones.registry import get_entry
-from featcache.backbones.traced import load_traced, save_traced
 from featcache.backbones.weights import DownloadProgress, file_sha256, resolve_weights
-from featcache.choices import DEFAULT_BACKBONE, DEVICES, PRECISIONS
+from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
 from featcache.errors import FeatcacheError, FeatcacheWarning
+
+if TYPE_CHECKING:
+    from featcache.backbones.eager import EagerBackbone
 
 
 def build_backbone(
@@ -29,6 +35,7 @@ def build_backbone(
     pool: str = "avg",
     precision: str = "fp32",
     device: str = "cpu",
+    engine: str = "auto",
     traced: bool = True,
     optimize: bool = True,
     download: bool = True,
@@ -39,52 +46,129 @@ def build_backbone(
     ``weights`` is a weights name, a file path or ``"random"`` (untrained, for tests; warns);
     weights files are found as an explicit path, then in the torch hub cache, then downloaded
     with their hash checked (unless ``download`` is false or ``FEATCACHE_OFFLINE=1``), reporting
-    bytes to ``on_download``. ``precision`` is ``fp32`` or ``bf16`` (autocast); ``device`` is
-    ``cpu``, ``cuda`` or ``auto``. With ``traced``, a saved trace stands in for the network.
-    ``optimize=False`` keeps the network exactly as built (no BatchNorm folding, never traced).
+    bytes to ``on_download``. ``precision`` is ``fp32`` or ``bf16``; ``device`` is ``cpu``,
+    ``cuda`` or ``auto``. ``engine`` is ``openvino`` (CPU only), ``torch``, or ``auto``: PyTorch
+    on CUDA, else OpenVINO. With ``traced``, PyTorch on the CPU loads a saved trace instead of
+    building the network. ``optimize=False`` keeps the PyTorch network exactly as built (no
+    BatchNorm folding, never traced or converted).
 
     Given an identity, the other settings come from it, and weights at hand that are not the
-    recorded ones are refused.
+    recorded ones are refused. The result's ``engine`` says which engine runs it.
     """
     device = resolve_device(device)
+    engine = resolve_engine(engine, device) if optimize else "torch"
     wanted = backbone if isinstance(backbone, BackboneIdentity) else None
     if wanted is not None:
-        if traced and optimize and (ready := load_traced(wanted, device)) is not None:
-            return ready
         backbone, weights, pool, precision = wanted.backbone, wanted.weights, wanted.pool, wanted.precision
     entry = _checked_entry(backbone, pool, precision)
     weights = weights or entry.default_weights
-    traced = traced and optimize and weights != RANDOM
-    if weights == RANDOM:
-        net = _eager(entry, RANDOM, None, pool, precision, device, optimize)
-    else:
+    if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+        warnings.warn(
+            "this CPU has no bfloat16 instructions (AMX or AVX512-BF16): bf16 runs here, "
+            + ("as fp32 would" if engine == "openvino" else "slower than fp32 would"),
+            FeatcacheWarning,
+            stacklevel=2,
+        )
+    label, path, sha = weights, None, None
+    if weights != RANDOM and wanted is None:
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
-        identity = BackboneIdentity(
+        wanted = BackboneIdentity(
             entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool), precision
         )
-        if traced and wanted is None and (ready := load_traced(identity, device)) is not None:
-            return ready
-        net = _eager(entry, label, path, pool, precision, device, optimize, sha)
-    if wanted is not None and (differences := net.identity.differences(wanted)):
+    if wanted is not None and (ready := _saved(wanted, engine, device, traced and optimize)) is not None:
+        return ready
+    if weights != RANDOM and path is None:
+        label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
+        sha = file_sha256(path)
+    # the network PyTorch runs, or the fp32 one OpenVINO converts
+    arithmetic = "fp32" if engine == "openvino" else precision
+    net = _eager(entry, label, path, pool, arithmetic, device, optimize, sha)
+    identity = dataclasses.replace(net.identity, precision=precision)
+    if wanted is None and (ready := _saved(identity, engine, device, traced=False)) is not None:
+        return ready  # random weights, converted by an earlier run
+    if wanted is not None and (differences := identity.differences(wanted)):
         raise FeatcacheError(
             f"the {wanted.backbone} backbone available here differs from the one recorded "
             f"({'; '.join(differences)})"
         )
-    if traced:
+    if engine == "openvino":
+        from featcache.backbones.openvino_engine import save_openvino
+
+        try:
+            return save_openvino(net, identity)
+        except Exception as e:  # noqa: BLE001 - any network the converter cannot take runs in PyTorch
+            why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            warnings.warn(
+                f"{entry.name} does not run on OpenVINO ({why}); running it in PyTorch instead",
+                FeatcacheWarning,
+                stacklevel=2,
+            )
+            net.identity = identity
+    if traced and optimize and weights != RANDOM:
+        from featcache.backbones.traced import save_traced
+
         save_traced(net)
     return net
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; errors for an unusable choice."""
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; errors for an unusable choice.
+
+    On a machine without an NVIDIA device, ``auto`` is ``cpu`` without importing torch.
+    """
     if device not in DEVICES:
         raise FeatcacheError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu" or (device == "auto" and "torch" not in sys.modules and not _nvidia_device()):
+        return "cpu"
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise FeatcacheError("device 'cuda': no CUDA GPU is available here (use device='cpu' or 'auto')")
     return device
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    """``auto`` → ``torch`` on a GPU, ``openvino`` on the CPU; errors for an unusable choice."""
+    if engine not in ENGINES:
+        raise FeatcacheError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "torch" if device == "cuda" else "openvino"
+    if engine == "openvino" and device != "cpu":
+        raise FeatcacheError(
+            "engine 'openvino' runs on the CPU: pass device='cpu', or engine='torch' for the GPU"
+        )
+    return engine
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AMX-BF16 or AVX512-BF16), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _nvidia_device() -> bool:
+    """Whether the system shows a GPU device (NVIDIA's, or WSL's) that CUDA could use."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
+
+
+def _saved(identity: BackboneIdentity, engine: str, device: str, traced: bool) -> Embedder | None:
+    """What an earlier run saved for ``identity`` on ``engine``, ready to run, or None."""
+    if engine == "openvino":
+        from featcache.backbones.openvino_engine import load_openvino
+
+        return load_openvino(identity)
+    if traced:
+        from featcache.backbones.traced import load_traced
+
+        return load_traced(identity, device)
+    return None
 
 
 def _checked_entry(name: str, pool: str, precision: str) -> BackboneEntry:
@@ -107,6 +191,10 @@ def _eager(
     sha: str | None = None,
 ) -> EagerBackbone:
     """The network of ``entry`` with the weights file ``path`` (whose SHA-256 is ``sha``), or random."""
+    import torch
+
+    from featcache.backbones.eager import EagerBackbone, state_sha256
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = entry.build()

@@ -20,6 +20,8 @@ class EagerBackbone(Described, nn.Module):
     runs in ``channels_last`` layout: the same function, faster, equal up to float rounding.
     """
 
+    engine = "torch"
+
     def __init__(
         self, entry: BackboneEntry, model: nn.Module, identity: BackboneIdentity, optimize: bool = True
     ):

@@ -41,6 +41,8 @@ def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
 class TracedBackbone(Described):
     """A backbone loaded from its trace: the same :meth:`embed` and identity as the one traced."""
 
+    engine = "torch"
+
     def __init__(self, module: torch.jit.ScriptModule, identity: BackboneIdentity, device: torch.device):
         self.module = module
         self.identity = identity

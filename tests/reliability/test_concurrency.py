@@ -26,13 +26,14 @@ def trained(tmp_path_factory):
     return root, data, model
 
 
-def test_predictors_in_parallel_agree_and_share_one_trace(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_predictors_in_parallel_agree_and_share_one_saved_model(trained, tmp_path, monkeypatch, engine):
     root, data, model = trained
     traces = tmp_path / "traces"
-    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(traces))  # empty: all four race to build the trace
+    monkeypatch.setenv("FEATCACHE_CACHE_DIR", str(traces))  # empty: all four race to build the model
     procs = [
         start_featcache(
-            ["predict", data, "--model-path", model, "--json", "--top-k", "2"],
+            ["predict", data, "--model-path", model, "--json", "--top-k", "2", "--engine", engine],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -43,12 +44,16 @@ def test_predictors_in_parallel_agree_and_share_one_trace(trained, tmp_path, mon
     assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outputs]
     records = [[json.loads(line) for line in out.splitlines()] for out, _ in outputs]
     assert all(r == records[0] for r in records) and len(records[0]) == 16
-    expected = Predictor.load(model).predict_files([data], top_k=2)
+    expected = Predictor.load(model, engine=engine).predict_files([data], top_k=2)
     for got, want in zip(records[0], expected, strict=True):
         assert got["label"] == want.label
         assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
-    saved = list((traces / "traced").iterdir())
-    assert len(saved) == 1 and saved[0].suffix == ".pt", saved  # one whole trace, no leftovers
+    if engine == "torch":
+        saved = list((traces / "traced").iterdir())
+        assert len(saved) == 1 and saved[0].suffix == ".pt", saved  # one whole trace, no leftovers
+    else:
+        (saved,) = (traces / "openvino").iterdir()  # one IR folder, no scratch folders left
+        assert sorted(p.name for p in saved.iterdir()) == ["manifest.json", "model.bin", "model.xml"]
 
 
 def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, tmp_path):
