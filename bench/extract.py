@@ -6,12 +6,14 @@ process so that peak memory is its own, and is timed from a process that has imp
 features in memory: each side's other imports (torchvision, timm, featcache), building the model
 and reading the images all count. Prints, per image set, backbone and precision, images/s,
 the ratio, peak RSS, and the lowest per-image cosine similarity between the two pipelines'
-features (real weights only). featcache runs twice: once with an empty trace folder (it builds
-the network and saves its trace), then again (with real weights it loads the trace, as every
-later run on a user's machine does). ``--memory`` then compares extract's peak RSS over two sizes.
+features (real weights only). featcache runs twice per engine and precision: once with an empty
+cache folder (it builds the network and saves its trace or OpenVINO IR), then again (it loads
+them, as every later run on a user's machine does). ``--memory`` then compares extract's peak
+RSS over two sizes.
 
-    python bench/extract.py                       # both image sets, both backbones, fp32 and bf16
-    python bench/extract.py --png 200 --jpeg 100  # a quicker run
+    python bench/extract.py                       # three image sets, both backbones, both engines,
+                                                  # fp32 and bf16
+    python bench/extract.py --png 200 --jpeg 100 --big 20  # a quicker run
     python bench/extract.py --png 0 --jpeg 0 --memory 1000,5000
 """
 
@@ -64,14 +66,22 @@ def run_naive(data: Path, backbone: str, weights: str | None, out: Path) -> dict
     )
     ds = datasets.ImageFolder(str(data), transform=tf)
     loader = DataLoader(ds, batch_size=32, num_workers=2)
-    feats = []
+    feats, first = [], None
     with torch.no_grad():
         for x, _ in loader:
             feats.append(entry.features(model, x).mean(dim=(2, 3)).numpy())
+            first = first or (time.perf_counter(), len(x))
     seconds = time.perf_counter() - start
+    marginal = (len(ds) - first[1]) / (start + seconds - first[0]) if len(ds) > first[1] else float("nan")
     np.save(out, np.concatenate(feats))
     paths = [str(Path(p).relative_to(data)) for p, _ in ds.samples]
-    return {"images": len(ds), "seconds": seconds, "peak_mb": _peak_mb(), "paths": paths}
+    return {
+        "images": len(ds),
+        "seconds": seconds,
+        "marginal": marginal,
+        "peak_mb": _peak_mb(),
+        "paths": paths,
+    }
 
 
 def run_featcache(data: Path, backbone: str, weights: str | None, out: Path, extra: dict) -> dict:
@@ -81,15 +91,25 @@ def run_featcache(data: Path, backbone: str, weights: str | None, out: Path, ext
     from featcache.cache import read_cache
     from featcache.extract import extract
 
+    first = []
+
+    def note_first_batch(progress) -> None:
+        if progress.stage == "extract" and progress.done and not first:
+            first.append((time.perf_counter(), progress.done))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = extract(
-            data, out.with_suffix(".h5"), backbone=backbone, weights=weights, overwrite=True, **extra
-        )
+            data, out.with_suffix(".h5"), backbone=backbone, weights=weights, overwrite=True,
+            on_progress=note_first_batch, **extra,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
+    n, at = first[0][1], first[0][0]
+    marginal = (result.n_images - n) / (start + seconds - at) if result.n_images > n else float("nan")
     cache = read_cache(result.output)
     np.save(out, cache.features.astype(np.float32))
-    return {"images": result.n_images, "seconds": seconds, "peak_mb": _peak_mb(), "paths": cache.paths}
+    return {"images": result.n_images, "seconds": seconds, "marginal": marginal, "peak_mb": _peak_mb(),
+            "paths": cache.paths, "engine": result.engine}  # fmt: skip
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -137,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--png", type=int, default=640, help="Fashion-MNIST 28x28 PNGs (in total, 10 classes)")
     ap.add_argument("--jpeg", type=int, default=320, help="500x375 JPEGs (q90) upscaled from Fashion-MNIST")
+    ap.add_argument("--big", type=int, default=40, help="4032x3024 JPEGs (q90), phone-photo sized")
+    ap.add_argument("--engines", default="torch,openvino", help="comma-separated featcache engines")
     ap.add_argument(
         "--backbones",
         default="mobilenet_v2:random,efficientnet_lite0",
@@ -170,14 +192,25 @@ def main() -> None:
         sets.append(
             ("jpeg-500x375", fashion.write_folder(folder, "train", args.jpeg // 10, (500, 375), "JPEG"))
         )
+    if args.big:
+        folder = work / f"fmnist_jpeg4032_{args.big}"
+        sets.append(
+            ("jpeg-4032x3024", fashion.write_folder(folder, "train", args.big // 10, (4032, 3024), "JPEG"))
+        )
     if sets:
         print(
-            f"{'images':14} {'backbone':20} {'prec':4} {'n':>5} {'naive img/s':>12} {'fc img/s':>9} "
-            f"{'ratio':>6} {'rerun img/s':>12} {'ratio':>6} {'naive MB':>9} {'fc MB':>7} {'min cos':>8}"
+            "img/s: marginal throughput, from the end of the first batch to the end of the command;\n"
+            "whole: the whole command from 'torch imported' (the rerun, with the saved trace or IR);\n"
+            "first s: the first run's seconds (it builds the network and saves the trace or IR)"
+        )
+        print(
+            f"{'images':14} {'backbone':20} {'engine':8} {'prec':4} {'n':>5} {'naive':>6} {'fc':>6} "
+            f"{'ratio':>6} {'whole':>6} {'ratio':>6} {'first s':>7} {'naive MB':>8} {'fc MB':>6} "
+            f"{'min cos':>8}"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        # featcache's saved traces go to a folder of this run: the first featcache run of each
-        # backbone builds the network and saves its trace, the rerun loads it
+        # featcache's saved traces and IRs go to a folder of this run: the first featcache run of
+        # each backbone and engine builds the network and saves them, the rerun loads them
         os.environ["FEATCACHE_CACHE_DIR"] = str(Path(tmp) / "featcache-cache")
         for set_name, folder in sets:
             for spec in args.backbones.split(","):
@@ -185,29 +218,33 @@ def main() -> None:
                 label = f"{name}{':' + weights if weights else ''}"
                 naive = measure("naive", folder, name, weights or None, Path(tmp) / "naive.npy")
                 rows = []
-                for precision in args.precisions.split(","):
-                    extra = {"precision": precision}
-                    fc = measure("featcache", folder, name, weights or None, Path(tmp) / "fc.npy", extra)
-                    again = measure("featcache", folder, name, weights or None, Path(tmp) / "fc2.npy", extra)
-                    naive_feats = np.load(Path(tmp) / "naive.npy")
-                    cos = min(
-                        min_cosine(np.load(Path(tmp) / out), run["paths"], naive_feats, naive["paths"])
-                        for out, run in (("fc.npy", fc), ("fc2.npy", again))
-                    )
-                    f_rate = fc["images"] / fc["seconds"]
-                    a_rate = again["images"] / again["seconds"]
-                    # untrained MobileNetV2 features are ~1e-9 in size: their cosine says nothing
-                    cos_text = "n/a" if weights == "random" else f"{cos:.5f}"
-                    rows.append((precision, fc, again, f_rate, a_rate, cos_text))
-                # the naive pipeline runs before and after featcache; its rate is over both runs
+                for engine in args.engines.split(","):
+                    for precision in args.precisions.split(","):
+                        extra = {"precision": precision, "engine": engine}
+                        fc = measure("featcache", folder, name, weights or None, Path(tmp) / "fc.npy", extra)
+                        again = measure(
+                            "featcache", folder, name, weights or None, Path(tmp) / "fc2.npy", extra
+                        )
+                        naive_feats = np.load(Path(tmp) / "naive.npy")
+                        cos = min(
+                            min_cosine(np.load(Path(tmp) / out), run["paths"], naive_feats, naive["paths"])
+                            for out, run in (("fc.npy", fc), ("fc2.npy", again))
+                        )
+                        # untrained MobileNetV2 features are ~1e-9 in size: their cosine says nothing
+                        cos_text = "n/a" if weights == "random" else f"{cos:.5f}"
+                        rows.append((again["engine"], precision, fc, again, cos_text))
+                # the naive pipeline runs before and after featcache; its rates are over both runs
                 late = measure("naive", folder, name, weights or None, Path(tmp) / "naive2.npy")
-                n_rate = (naive["images"] + late["images"]) / (naive["seconds"] + late["seconds"])
+                n_rate = (naive["marginal"] + late["marginal"]) / 2
+                n_whole = (naive["images"] + late["images"]) / (naive["seconds"] + late["seconds"])
                 naive_mb = max(naive["peak_mb"], late["peak_mb"])
-                for precision, fc, again, f_rate, a_rate, cos_text in rows:
+                for engine, precision, fc, again, cos_text in rows:
+                    rate, whole = again["marginal"], again["images"] / again["seconds"]
                     print(
-                        f"{set_name:14} {label:20} {precision:4} {fc['images']:5d} {n_rate:12.1f} "
-                        f"{f_rate:9.1f} {f_rate / n_rate:5.2f}x {a_rate:12.1f} {a_rate / n_rate:5.2f}x "
-                        f"{naive_mb:9.0f} {max(fc['peak_mb'], again['peak_mb']):7.0f} {cos_text:>8}",
+                        f"{set_name:14} {label:20} {engine:8} {precision:4} {fc['images']:5d} {n_rate:6.1f} "
+                        f"{rate:6.1f} {rate / n_rate:5.2f}x {whole:6.1f} {whole / n_whole:5.2f}x "
+                        f"{fc['seconds']:7.1f} {naive_mb:8.0f} {max(fc['peak_mb'], again['peak_mb']):6.0f} "
+                        f"{cos_text:>8}",
                         flush=True,
                     )
         if args.memory:

@@ -1,13 +1,16 @@
 """Prediction latency: warm single-image calls, and a cold `featcache predict` next to `import torch`.
 
-A small model is fit on synthetic 500x375 JPEG photos (quality 90) for each backbone; then
-- first: the wall time of the very first ``featcache predict IMAGE``, which builds the backbone
-  and saves its trace (in a private cache folder, so every run of this script starts bare);
-- warm: the median of many ``Predictor.predict(path)`` calls on one JPEG (bar: 20 ms);
-- cold: the wall time of ``featcache predict IMAGE`` in a fresh process, next to that of
-  ``python -c "import torch"`` measured in the same run, alternating (bar: import torch + 1.5 s).
+A small model is fit on synthetic 500x375 JPEG photos (quality 90) for each backbone; then, for
+each engine:
+- first: the wall time of the very first ``featcache predict IMAGE --engine E``, which builds the
+  backbone and saves its trace or OpenVINO IR (in a private cache folder, so every run of this
+  script starts bare);
+- warm: the median of many ``Predictor.predict(path)`` calls on one JPEG (bar: 8 ms);
+- cold: the wall time of ``featcache predict IMAGE`` in a fresh process once the trace or IR is
+  saved (bar: 1.0 s), next to that of ``python -c "import torch"`` measured in the same run,
+  alternating; "torch" says whether the cold process imported torch.
 
-    python bench/predict.py [--calls 100] [--cold-runs 5]
+    python bench/predict.py [--calls 100] [--cold-runs 5] [--engines openvino,torch]
 """
 
 from __future__ import annotations
@@ -68,10 +71,22 @@ def wall(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def _imports_torch(model: Path, image: Path, engine: str, cwd: Path, env: dict[str, str]) -> bool:
+    """Whether a cold ``featcache predict`` on ``engine`` imports torch."""
+    code = (
+        "import sys\nfrom featcache.cli import main\n"
+        f"try: main(['predict', {str(image)!r}, '--model-path', {str(model)!r}, '--engine', {engine!r}])\n"
+        "except SystemExit: pass\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100, help="warm calls per backbone")
     parser.add_argument("--cold-runs", type=int, default=5, help="fresh processes per command")
+    parser.add_argument("--engines", default="openvino,torch", help="comma-separated engines")
     args = parser.parse_args()
     print(cpu_line(), flush=True)
 
@@ -84,8 +99,8 @@ def main() -> None:
         width, height = Image.open(image).size
         print(f"one {width}x{height} JPEG, "
               f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}")  # fmt: skip
-        print(f"{'backbone':24} {'first':>7} {'warm median':>11} {'p90':>7}  {'cold predict':>12} "
-              f"{'import torch':>12} {'difference':>10}")  # fmt: skip
+        print(f"{'backbone':24} {'engine':8} {'first':>7} {'warm median':>11} {'p90':>7}  "
+              f"{'cold predict':>12} {'torch':>5} {'import torch':>12}")  # fmt: skip
         for name, weights in BACKBONES:
             label = f"{name}:{weights}" if weights else name
             model_dir = tmp / name
@@ -93,30 +108,40 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 cache = extract(data, model_dir / "features.h5", backbone=name, weights=weights).output
                 model = fit(cache, model="logreg", cv=2, output=model_dir / "models").model_path
-            shutil.rmtree(tmp / "featcache-cache", ignore_errors=True)  # extract saved a trace: start bare
-            cmd = [*featcache_command(), "predict", str(image), "--model-path", str(model)]
-            first = wall(cmd, model_dir, env)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                predictor = Predictor.load(model, device="cpu")
-            for _ in range(5):
-                predictor.predict(str(image))
-            times = []
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                predictor.predict(str(image))
-                times.append(time.perf_counter() - start)
-            warm = 1000 * statistics.median(times)
-            p90 = 1000 * float(np.percentile(times, 90))
-            cold, torch_only = [], []
-            for _ in range(args.cold_runs):
-                torch_only.append(wall([sys.executable, "-c", "import torch"], tmp, env))
-                cold.append(wall(cmd, model_dir, env))
-            c, t = statistics.median(cold), statistics.median(torch_only)
-            row = (f"{label:24} {first:5.2f} s {warm:8.1f} ms {p90:4.1f} ms  {c:10.2f} s {t:10.2f} s "
-                   f"{c - t:+8.2f} s")  # fmt: skip
-            print(row, flush=True)
-        print("bars: warm <= 20 ms; cold <= import torch + 1.5 s")
+            for engine in args.engines.split(","):
+                shutil.rmtree(tmp / "featcache-cache", ignore_errors=True)  # extract saved one: start bare
+                cmd = [
+                    *featcache_command(),
+                    "predict",
+                    str(image),
+                    "--model-path",
+                    str(model),
+                    "--engine",
+                    engine,
+                ]
+                first = wall(cmd, model_dir, env)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    predictor = Predictor.load(model, device="cpu", engine=engine)
+                for _ in range(5):
+                    predictor.predict(str(image))
+                times = []
+                for _ in range(args.calls):
+                    start = time.perf_counter()
+                    predictor.predict(str(image))
+                    times.append(time.perf_counter() - start)
+                warm = 1000 * statistics.median(times)
+                p90 = 1000 * float(np.percentile(times, 90))
+                cold, torch_only = [], []
+                for _ in range(args.cold_runs):
+                    torch_only.append(wall([sys.executable, "-c", "import torch"], tmp, env))
+                    cold.append(wall(cmd, model_dir, env))
+                c, t = statistics.median(cold), statistics.median(torch_only)
+                imports = _imports_torch(model, image, engine, model_dir, env)
+                row = (f"{label:24} {engine:8} {first:5.2f} s {warm:8.1f} ms {p90:4.1f} ms  {c:10.2f} s "
+                       f"{'yes' if imports else 'no':>5} {t:10.2f} s")  # fmt: skip
+                print(row, flush=True)
+        print("bars: warm <= 8 ms; cold <= 1.0 s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
