@@ -43,23 +43,17 @@ def _batch_size_option(help_text: str):
     )
 
 
+def _auto_option(flag: str, values: tuple[str, ...], help_text: str):
+    return click.option(flag, type=click.Choice(values), default="auto", show_default=True, help=help_text)
+
+
 def _device_option(help_text: str):
-    return click.option(
-        "--device",
-        type=click.Choice(choices.DEVICES),
-        default="auto",
-        show_default=True,
-        help=help_text,
-    )
+    return _auto_option("--device", choices.DEVICES, help_text)
 
 
 def _engine_option(help_text: str):
-    return click.option(
-        "--engine",
-        type=click.Choice(choices.ENGINES),
-        default="auto",
-        show_default=True,
-        help=help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO.",
+    return _auto_option(
+        "--engine", choices.ENGINES, help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO."
     )
 
 

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 
 from featcache.backbones.identity import RANDOM, BackboneEntry, BackboneIdentity, Embedder
 from featcache.backbones.registry import get_entry
-from featcache.backbones.weights import DownloadProgress, file_sha256, resolve_weights
+from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
 from featcache.errors import FeatcacheError, FeatcacheWarning
+from featcache.files import file_sha256
 
 if TYPE_CHECKING:
     from featcache.backbones.eager import EagerBackbone

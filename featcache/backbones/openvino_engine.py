@@ -26,7 +26,7 @@ from openvino.preprocess import PrePostProcessor
 
 from featcache._version import __version__
 from featcache.backbones.identity import BackboneIdentity, Described
-from featcache.files import user_cache_dir
+from featcache.files import file_sha256, user_cache_dir
 
 if TYPE_CHECKING:
     from featcache.backbones.eager import EagerBackbone
@@ -134,7 +134,7 @@ def _write(model: ov.Model, folder: Path) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         ov.save_model(model, scratch / "model.xml", compress_to_fp16=False)
-        manifest = {name: _sha256(scratch / name) for name in _FILES}
+        manifest = {name: file_sha256(scratch / name) for name in _FILES}
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         for _ in range(2):
             try:
@@ -152,14 +152,6 @@ def _intact(folder: Path) -> bool:
     """Whether ``folder`` holds IR files that match their manifest."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
-        return all(_sha256(folder / name) == manifest.get(name) for name in _FILES)
+        return all(file_sha256(folder / name) == manifest.get(name) for name in _FILES)
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

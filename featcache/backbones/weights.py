@@ -16,7 +16,7 @@ from pathlib import Path
 from featcache.backbones.identity import BackboneEntry, WeightsSource
 from featcache.backbones.registry import get_entry, list_backbones
 from featcache.errors import FeatcacheError
-from featcache.files import replaced_atomically
+from featcache.files import file_sha256, replaced_atomically
 
 _HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")
 
@@ -125,15 +125,6 @@ def _download(url: str, destination: Path, on_progress: DownloadProgress | None)
                 f"download of {url} failed its hash check: SHA-256 {digest.hexdigest()[:12]}… "
                 f"does not start with {prefix.group(1)}"
             )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_hash_prefix(path: Path) -> None:
