@@ -35,7 +35,8 @@ class FeatureCache:
     ``features[i]``, and the file's ``sizes[i]``/``mtimes_ns[i]`` when it was read. ``skipped``
     lists ``(path, reason)``. ``engine`` names what computed the features (``openvino``,
     ``torch``, or both, comma-separated); it is recorded, not compared, as the engines' fp32
-    features are interchangeable.
+    features are interchangeable. ``shards`` is how many shards a Dask cluster computed (0: one
+    process).
     """
 
     features: np.ndarray
@@ -50,6 +51,7 @@ class FeatureCache:
     data_root: str = ""
     dtype: str = "float32"
     engine: str = ""
+    shards: int = 0
     created: str = ""
     featcache_version: str = __version__
 
@@ -124,6 +126,7 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
                     "precision": ident.precision,
                     "dtype": cache.dtype,
                     "engine": cache.engine,
+                    "shards": cache.shards,
                     "label_map": json.dumps(cache.label_map.to_dict(), sort_keys=True),
                     "data_root": cache.data_root,
                     "created": cache.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -169,6 +172,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 data_root=str(f.attrs["data_root"]),
                 dtype=str(f.attrs["dtype"]),
                 engine=str(f.attrs.get("engine", "torch")),  # before engines, all were torch
+                shards=int(f.attrs.get("shards", 0)),
                 created=str(f.attrs["created"]),
                 featcache_version=str(f.attrs["featcache_version"]),
             )

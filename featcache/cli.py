@@ -147,6 +147,19 @@ def backbones() -> None:
     is_flag=True,
     help="Replace an existing cache made with another backbone, weights or settings.",
 )
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Run on a Dask cluster: 'local' or 'local:N' starts N worker processes on this machine, "
+    "tcp://HOST:PORT joins a running scheduler. Default: this process alone.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=10000,
+    show_default=True,
+    help="Images per task with --scheduler.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(
     data_dir: str,
@@ -162,6 +175,8 @@ def extract(
     device: str,
     engine: str,
     overwrite: bool,
+    scheduler: str | None,
+    shard_size: int,
     quiet: bool,
 ) -> None:
     """Embed every image under DATA_DIR into an HDF5 feature cache.
@@ -187,6 +202,8 @@ def extract(
             device=device,
             engine=engine,
             overwrite=overwrite,
+            scheduler=scheduler,
+            shard_size=shard_size,
             on_progress=bar.update,
         )
     finally:
@@ -219,6 +236,8 @@ def info(features: str, show_skipped: bool) -> None:
     )
     click.echo(f"  preprocess   {p.size}x{p.size} {p.resize} ({p.interpolation}), mean {p.mean}, std {p.std}")
     click.echo(f"  data root    {cache.data_root}")
+    made = f"{cache.shards} shard(s) on a Dask cluster" if cache.shards else "one process"
+    click.echo(f"  made by      {made}")
     click.echo(f"  created      {cache.created} by featcache {cache.featcache_version}")
     per_image = f", {size / n / 1024:.2f} KiB per image" if n else ""
     click.echo(f"  size         {size / 1024 / 1024:.2f} MiB{per_image}")
@@ -272,6 +291,7 @@ def _echo_extract(result) -> None:
         f"computed {result.n_computed}, "
         f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
         + ("" if result.written else " (unchanged)")
+        + (f"; {result.shards} shard(s) on a Dask cluster" if result.shards else "")
     )
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} file(s):", err=True)

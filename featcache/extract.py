@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +22,9 @@ from featcache.backbones.identity import BackboneIdentity, Embedder
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DEFAULT_BACKBONE, DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
+from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
 from featcache.files import writable_file
-from featcache.images import load_batches
 
 
 @dataclass
@@ -50,6 +50,7 @@ class ExtractResult:
     written: bool
     identity: BackboneIdentity
     engine: str = ""
+    shards: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -68,6 +69,8 @@ def extract(
     device: str = "auto",
     engine: str = "auto",
     overwrite: bool = False,
+    scheduler: str | None = None,
+    shard_size: int = 10000,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> ExtractResult:
     """Embed every image under ``data_dir`` into the HDF5 cache ``output``.
@@ -81,6 +84,8 @@ def extract(
     skipped and listed. ``engine`` and ``device`` choose what runs the backbone (see
     :func:`~featcache.backbones.build.build_backbone`). Ctrl-C raises
     :class:`~featcache.errors.Interrupted`; the images done so far are kept for the next run.
+    With ``scheduler`` (``local``, ``local:N`` or ``tcp://HOST:PORT``), the images are embedded on
+    a Dask cluster in shards of ``shard_size`` files (see :mod:`featcache.distributed`).
     """
     start = time.monotonic()
     if batch_size < 1 or workers < 0:
@@ -116,18 +121,70 @@ def extract(
     if previous is not None:
         _check_same_settings(previous, identity, dtype, output)
 
-    partial = _Partial(output, identity, dataset, reset=overwrite)
     reusable = _reusable_rows(previous, dataset) if previous is not None else {}
+    if scheduler is None:
+        computed, failed, n_computed = _in_this_process(net, dataset, output, reusable, overwrite, batch_size,
+                                                        workers, on_progress)  # fmt: skip
+        shards = 0
+    else:
+        computed, failed, n_computed, shards = _on_cluster(
+            scheduler, net, engine, dataset, output, reusable, dtype, batch_size, shard_size, on_progress
+        )
+
+    if label_map is None:
+        label_map = previous.label_map if previous is not None else LabelMap()
+    skipped = sorted([*dataset.unreadable, *failed.items()], key=lambda s: os.fsencode(s[0]))
+    cache = assemble(dataset, identity, dtype, label_map, reusable, computed, skipped)
+    engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
+    cache.engine = ", ".join(sorted(engines | ({net.engine} if computed else set())))
+    cache.shards = shards
+    if len(cache) == 0:
+        _remove_work(output)
+        raise FeatcacheError(
+            f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
+        )
+    n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
+    written = previous is None or not previous.same_content(cache)
+    if written:
+        write_cache(cache, output)
+    _remove_work(output)
+    return ExtractResult(
+        output=output,
+        n_images=len(cache),
+        n_computed=n_computed,
+        n_reused=len(cache) - n_computed,
+        n_removed=n_removed,
+        written=written,
+        identity=identity,
+        engine=net.engine,
+        shards=shards,
+        skipped=skipped,
+        seconds=time.monotonic() - start,
+    )
+
+
+def _in_this_process(
+    net: Embedder,
+    dataset: Dataset,
+    output: Path,
+    reusable: dict[str, Row],
+    overwrite: bool,
+    batch_size: int,
+    workers: int,
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[dict[str, Row], dict[str, str], int]:
+    """Embed what ``reusable`` lacks here, batch by batch, keeping each finished batch in the
+    partial folder; return the rows, the files skipped and how many rows were computed now."""
+    partial = _Partial(output, net.identity, dataset, reset=overwrite)
     finished = reusable.keys() | partial.rows.keys() | partial.skipped.keys()
     todo = [f for f in dataset.files if f.relpath not in finished]
-
     total = len(dataset.files)
     skipped_before = len(partial.skipped) + len(dataset.unreadable)
     done, n_computed, n_failed = total - len(todo), 0, 0
     if on_progress:
         on_progress(Progress(done, total, skipped_before))
     try:
-        for rows, skipped in _embed(net, dataset, todo, batch_size, workers):
+        for rows, skipped in embed_files(net, dataset, todo, batch_size, workers):
             partial.add(rows, skipped)
             done += len(rows) + len(skipped)
             n_computed += len(rows)
@@ -138,38 +195,56 @@ def extract(
         raise Interrupted(
             f"{done} of {total} images done are kept; run the same extract again to resume"
         ) from None
+    return partial.rows, partial.skipped, n_computed
 
-    if label_map is None:
-        label_map = previous.label_map if previous is not None else LabelMap()
-    skipped = sorted([*dataset.unreadable, *partial.skipped.items()], key=lambda s: os.fsencode(s[0]))
-    cache = _assemble(dataset, identity, dtype, label_map, reusable, partial.rows, skipped)
-    engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
-    cache.engine = ", ".join(sorted(engines | ({net.engine} if len(partial.rows) else set())))
-    if len(cache) == 0:
-        partial.remove()
-        raise FeatcacheError(
-            f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
-        )
-    n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
-    written = previous is None or not previous.same_content(cache)
-    if written:
-        write_cache(cache, output)
-    partial.remove()
-    return ExtractResult(
-        output=output,
-        n_images=len(cache),
-        n_computed=n_computed,
-        n_reused=len(cache) - n_computed,
-        n_removed=n_removed,
-        written=written,
-        identity=identity,
-        engine=net.engine,
-        skipped=skipped,
-        seconds=time.monotonic() - start,
+
+def _on_cluster(
+    scheduler: str,
+    net: Embedder,
+    engine: str,
+    dataset: Dataset,
+    output: Path,
+    reusable: dict[str, Row],
+    dtype: str,
+    batch_size: int,
+    shard_size: int,
+    on_progress: Callable[[Progress], None] | None,
+) -> tuple[dict[str, Row], dict[str, str], int, int]:
+    """Embed what ``reusable`` lacks on a Dask cluster, in shards; return the rows, the files
+    skipped, how many rows were computed and how many shards there were."""
+    from featcache import distributed
+
+    todo = [f for f in dataset.files if f.relpath not in reusable]
+    shards = distributed.plan(todo, net.identity, dtype, output, shard_size)
+    total, state = (
+        len(dataset.files),
+        {"done": len(dataset.files) - len(todo), "skipped": len(dataset.unreadable)},
     )
 
+    def shard_done(files: int, skipped: int) -> None:
+        state["done"] += files
+        state["skipped"] += skipped
+        if on_progress:
+            on_progress(Progress(state["done"], total, state["skipped"]))
 
-_Row = tuple[int, int, np.ndarray]  # file size, mtime_ns, embedding
+    if on_progress:
+        on_progress(Progress(state["done"], total, state["skipped"]))
+    if not shards:
+        return {}, {}, 0, 0
+    try:
+        with distributed.dask_client(scheduler) as client:
+            rows, skipped, computed = distributed.run(
+                client, dataset, shards, net.identity, engine, dtype, batch_size, shard_done
+            )
+    except KeyboardInterrupt:
+        raise Interrupted("the finished shards are kept; run the same extract again to resume") from None
+    return rows, skipped, computed, len(shards)
+
+
+def _remove_work(output: Path) -> None:
+    """Delete what unfinished runs kept beside ``output``: partial batches and shards."""
+    shutil.rmtree(output.with_name(f".{output.name}.partial"), ignore_errors=True)
+    shutil.rmtree(output.with_name(output.name + ".shards"), ignore_errors=True)
 
 
 def _previous_cache(output: Path) -> FeatureCache | None:
@@ -232,7 +307,7 @@ def _first(skipped: list[tuple[str, str]], n: int = 3) -> str:
     return "; ".join(f"{p}: {r}" for p, r in skipped[:n]) + ("; …" if len(skipped) > n else "")
 
 
-def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, _Row]:
+def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, Row]:
     current = {f.relpath: f for f in dataset.files}
     rows = {}
     for i, path in enumerate(previous.paths):
@@ -240,55 +315,6 @@ def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, _Row]:
         if f is not None and (f.size, f.mtime_ns) == (int(previous.sizes[i]), int(previous.mtimes_ns[i])):
             rows[path] = (f.size, f.mtime_ns, previous.features[i].astype(np.float32))
     return rows
-
-
-def _embed(
-    net: Embedder, dataset: Dataset, todo: list[ImageFile], batch_size: int, workers: int
-) -> Iterator[tuple[dict[str, _Row], dict[str, str]]]:
-    """Yield ``(rows, skipped)`` per batch; decoding of the next batches overlaps with the model."""
-    sources = [dataset.path(f.relpath) for f in todo]
-    loaded = load_batches(sources, net.preprocessing, batch_size, workers)
-    for start, pixels in zip(range(0, len(todo), batch_size), loaded, strict=True):
-        yield _run_batch(net, todo[start : start + batch_size], pixels)
-
-
-def _run_batch(
-    net: Embedder, batch: list[ImageFile], loaded: list[np.ndarray | str]
-) -> tuple[dict[str, _Row], dict[str, str]]:
-    good = [(f, px) for f, px in zip(batch, loaded, strict=True) if not isinstance(px, str)]
-    skipped = {f.relpath: px for f, px in zip(batch, loaded, strict=True) if isinstance(px, str)}
-    rows: dict[str, _Row] = {}
-    if good:
-        feats = net.embed(np.stack([px for _, px in good]))
-        rows = {f.relpath: (f.size, f.mtime_ns, feats[i]) for i, (f, _) in enumerate(good)}
-    return rows, skipped
-
-
-def _assemble(
-    dataset: Dataset,
-    identity: BackboneIdentity,
-    dtype: str,
-    label_map: LabelMap,
-    reusable: dict[str, _Row],
-    computed: dict[str, _Row],
-    skipped: list[tuple[str, str]],
-) -> FeatureCache:
-    files = [f for f in dataset.files if f.relpath in reusable or f.relpath in computed]
-    rows = [computed.get(f.relpath) or reusable[f.relpath] for f in files]
-    features = np.stack([r[2] for r in rows]) if rows else np.zeros((0, identity.feature_dim), np.float32)
-    return FeatureCache(
-        features=features.astype(dtype),
-        labels=np.array([f.label for f in files], dtype=np.int32),
-        paths=[f.relpath for f in files],
-        sizes=np.array([r[0] for r in rows], dtype=np.int64),
-        mtimes_ns=np.array([r[1] for r in rows], dtype=np.int64),
-        folders=dataset.folders,
-        identity=identity,
-        label_map=label_map,
-        skipped=skipped,
-        data_root=str(dataset.root.resolve()),
-        dtype=dtype,
-    )
 
 
 class _Partial:
@@ -308,7 +334,7 @@ class _Partial:
         if self.folder.exists() and (reset or not meta.is_file() or meta.read_text() != self.key):
             shutil.rmtree(self.folder, ignore_errors=True)
         self.files = {f.relpath: f for f in dataset.files}
-        self.rows: dict[str, _Row] = {}
+        self.rows: dict[str, Row] = {}
         self.skipped: dict[str, str] = {}
         self.seq = 0
         if self.folder.is_dir():
@@ -335,7 +361,7 @@ class _Partial:
             return  # a part damaged by a crash is simply recomputed
         self.seq = max(self.seq, int(part.stem.split("-")[1]))
 
-    def add(self, rows: dict[str, _Row], skipped: dict[str, str]) -> None:
+    def add(self, rows: dict[str, Row], skipped: dict[str, str]) -> None:
         """Save one finished batch as a new part file."""
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "identity.json"

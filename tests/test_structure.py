@@ -85,7 +85,15 @@ TORCH_FREE = [
     "featcache.bundle",
     "featcache.predictor",
     "featcache.cli",
+    "featcache.embedding",
+    "featcache.distributed",
 ]
+
+
+def test_one_process_extraction_imports_no_dask():
+    code = "import sys, featcache.cli, featcache.extract; print('dask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
