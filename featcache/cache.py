@@ -94,15 +94,27 @@ def _decode(arr: np.ndarray) -> list[str]:
     return [os.fsdecode(bytes(b)) for b in arr]
 
 
-def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
-    """Write ``cache`` to ``path`` atomically (temporary file, fsync, rename)."""
+def write_cache(
+    cache: FeatureCache, path: str | os.PathLike, features_from: list[tuple[Path, int]] | None = None
+) -> None:
+    """Write ``cache`` to ``path`` atomically (temporary file, fsync, rename).
+
+    With ``features_from`` (shard caches and their row counts, in row order), the features are
+    not copied: they are an HDF5 virtual dataset over the shards' features, which must stay
+    where they are (their paths are stored relative to ``path``).
+    """
     path = Path(path)
     if cache.dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {cache.dtype!r}")
     str_dt = h5py.string_dtype()
     with replaced_atomically(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=cache.features.astype(cache.dtype, copy=False))
+            if features_from is None:
+                f.create_dataset("features", data=cache.features.astype(cache.dtype, copy=False))
+            else:
+                f.create_virtual_dataset(
+                    "features", _layout(features_from, path.parent, cache), fillvalue=np.nan
+                )
             f.create_dataset("labels", data=np.asarray(cache.labels, dtype=np.int32))
             f.create_dataset("paths", data=_encode(cache.paths))
             f.create_dataset("file_size", data=np.asarray(cache.sizes, dtype=np.int64))
@@ -135,6 +147,36 @@ def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
             )
 
 
+def _layout(sources: list[tuple[Path, int]], folder: Path, cache: FeatureCache) -> h5py.VirtualLayout:
+    dim = cache.identity.feature_dim
+    layout = h5py.VirtualLayout(shape=(sum(n for _, n in sources), dim), dtype=cache.dtype)
+    start = 0
+    for source, n in sources:
+        relative = os.path.relpath(source, folder)
+        layout[start : start + n] = h5py.VirtualSource(relative, "features", shape=(n, dim))
+        start += n
+    return layout
+
+
+def _virtual_features(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    """The features of a virtual cache, after checking that every shard behind them is there whole
+    (HDF5 would silently fill a missing one with NaN)."""
+    for source in dataset.virtual_sources():
+        shard = path.parent / source.file_name
+        try:
+            with h5py.File(shard, "r") as f:
+                f[source.dset_name].shape  # noqa: B018 - opening it is the check
+        except (OSError, KeyError) as e:
+            reason = "missing" if not shard.exists() else f"unreadable ({e})"
+            raise FeatcacheError(
+                f"{path}: its shard {source.file_name} is {reason}; rerun the extract that made it"
+            ) from None
+    features = dataset[()]
+    if np.isnan(features).any():
+        raise FeatcacheError(f"{path}: a shard behind it is damaged (NaN features); rerun the extract")
+    return features
+
+
 def read_cache(path: str | os.PathLike) -> FeatureCache:
     """Load a feature cache written by :func:`write_cache`; a clear error for anything else."""
     path = Path(path)
@@ -159,8 +201,9 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                     strict=True,
                 )
             )
+            features = f["features"]
             return FeatureCache(
-                features=f["features"][()],
+                features=_virtual_features(path, features) if features.is_virtual else features[()],
                 labels=f["labels"][()],
                 paths=_decode(f["paths"][()]),
                 sizes=f["file_size"][()],

@@ -160,6 +160,12 @@ def backbones() -> None:
     show_default=True,
     help="Images per task with --scheduler.",
 )
+@click.option(
+    "--virtual",
+    is_flag=True,
+    help="With --scheduler: write a small index over the shards (HDF5 virtual datasets) instead of "
+    "copying them into one file; the shards stay beside it.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(
     data_dir: str,
@@ -177,6 +183,7 @@ def extract(
     overwrite: bool,
     scheduler: str | None,
     shard_size: int,
+    virtual: bool,
     quiet: bool,
 ) -> None:
     """Embed every image under DATA_DIR into an HDF5 feature cache.
@@ -204,6 +211,7 @@ def extract(
             overwrite=overwrite,
             scheduler=scheduler,
             shard_size=shard_size,
+            virtual=virtual,
             on_progress=bar.update,
         )
     finally:

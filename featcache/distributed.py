@@ -104,9 +104,10 @@ def run(
     dtype: str,
     batch_size: int,
     on_done: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, Row], dict[str, str], int]:
+) -> tuple[dict[str, Row], dict[str, str], int, list[int]]:
     """Embed ``shards`` on the cluster; return their rows and skipped files, read back in order,
-    and how many rows were computed now (finished shards of an earlier run are reused).
+    how many rows were computed now (finished shards of an earlier run are reused), and each
+    shard's number of rows.
 
     ``on_done(files, skipped)`` is called as each shard finishes.
     """
@@ -136,12 +137,14 @@ def run(
             on_done(len(shard.files), done["skipped"])
     rows: dict[str, Row] = {}
     skipped: dict[str, str] = {}
+    counts = []
     for shard in shards:
         cache = read_cache(shard.path)
         for i, path in enumerate(cache.paths):
             rows[path] = (int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i])
         skipped.update(cache.skipped)
-    return rows, skipped, computed
+        counts.append(len(cache))
+    return rows, skipped, computed, counts
 
 
 def remove_shards(output: Path) -> None:

@@ -71,6 +71,7 @@ def extract(
     overwrite: bool = False,
     scheduler: str | None = None,
     shard_size: int = 10000,
+    virtual: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> ExtractResult:
     """Embed every image under ``data_dir`` into the HDF5 cache ``output``.
@@ -85,11 +86,15 @@ def extract(
     :func:`~featcache.backbones.build.build_backbone`). Ctrl-C raises
     :class:`~featcache.errors.Interrupted`; the images done so far are kept for the next run.
     With ``scheduler`` (``local``, ``local:N`` or ``tcp://HOST:PORT``), the images are embedded on
-    a Dask cluster in shards of ``shard_size`` files (see :mod:`featcache.distributed`).
+    a Dask cluster in shards of ``shard_size`` files (see :mod:`featcache.distributed`); with
+    ``virtual``, the cache is an index whose features are HDF5 virtual datasets over the shards,
+    which stay beside it (a shard whose files are unchanged is reused whole).
     """
     start = time.monotonic()
     if batch_size < 1 or workers < 0:
         raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
+    if virtual and scheduler is None:
+        raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
     output = writable_file(output)
     previous = None if overwrite else _previous_cache(output)
     recorded = previous.identity if previous is not None else None
@@ -121,11 +126,11 @@ def extract(
     if previous is not None:
         _check_same_settings(previous, identity, dtype, output)
 
-    reusable = _reusable_rows(previous, dataset) if previous is not None else {}
+    reusable = _reusable_rows(previous, dataset) if previous is not None and not virtual else {}
     if scheduler is None:
         computed, failed, n_computed = _in_this_process(net, dataset, output, reusable, overwrite, batch_size,
                                                         workers, on_progress)  # fmt: skip
-        shards = 0
+        shards = []
     else:
         computed, failed, n_computed, shards = _on_cluster(
             scheduler, net, engine, dataset, output, reusable, dtype, batch_size, shard_size, on_progress
@@ -137,17 +142,21 @@ def extract(
     cache = assemble(dataset, identity, dtype, label_map, reusable, computed, skipped)
     engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
     cache.engine = ", ".join(sorted(engines | ({net.engine} if computed else set())))
-    cache.shards = shards
+    cache.shards = len(shards)
     if len(cache) == 0:
         _remove_work(output)
         raise FeatcacheError(
             f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
         )
     n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
-    written = previous is None or not previous.same_content(cache)
-    if written:
-        write_cache(cache, output)
-    _remove_work(output)
+    written = previous is None or not previous.same_content(cache) or virtual
+    if virtual:
+        write_cache(cache, output, features_from=[(s.path, n) for s, n in shards if n])
+        _remove_work(output, keep=[s.path for s, _ in shards])
+    else:
+        if written:
+            write_cache(cache, output)
+        _remove_work(output)
     return ExtractResult(
         output=output,
         n_images=len(cache),
@@ -157,7 +166,7 @@ def extract(
         written=written,
         identity=identity,
         engine=net.engine,
-        shards=shards,
+        shards=len(shards),
         skipped=skipped,
         seconds=time.monotonic() - start,
     )
@@ -209,9 +218,9 @@ def _on_cluster(
     batch_size: int,
     shard_size: int,
     on_progress: Callable[[Progress], None] | None,
-) -> tuple[dict[str, Row], dict[str, str], int, int]:
+) -> tuple[dict[str, Row], dict[str, str], int, list]:
     """Embed what ``reusable`` lacks on a Dask cluster, in shards; return the rows, the files
-    skipped, how many rows were computed and how many shards there were."""
+    skipped, how many rows were computed now, and the shards with their row counts."""
     from featcache import distributed
 
     todo = [f for f in dataset.files if f.relpath not in reusable]
@@ -230,21 +239,27 @@ def _on_cluster(
     if on_progress:
         on_progress(Progress(state["done"], total, state["skipped"]))
     if not shards:
-        return {}, {}, 0, 0
+        return {}, {}, 0, []
     try:
         with distributed.dask_client(scheduler) as client:
-            rows, skipped, computed = distributed.run(
+            rows, skipped, computed, counts = distributed.run(
                 client, dataset, shards, net.identity, engine, dtype, batch_size, shard_done
             )
     except KeyboardInterrupt:
         raise Interrupted("the finished shards are kept; run the same extract again to resume") from None
-    return rows, skipped, computed, len(shards)
+    return rows, skipped, computed, list(zip(shards, counts, strict=True))
 
 
-def _remove_work(output: Path) -> None:
-    """Delete what unfinished runs kept beside ``output``: partial batches and shards."""
+def _remove_work(output: Path, keep: list[Path] | None = None) -> None:
+    """Delete what unfinished runs kept beside ``output``: partial batches, and the shards but
+    those in ``keep`` (the shards a virtual cache indexes)."""
     shutil.rmtree(output.with_name(f".{output.name}.partial"), ignore_errors=True)
-    shutil.rmtree(output.with_name(output.name + ".shards"), ignore_errors=True)
+    shards = output.with_name(output.name + ".shards")
+    if not keep:
+        shutil.rmtree(shards, ignore_errors=True)
+    elif shards.is_dir():
+        for stale in set(shards.iterdir()) - set(keep):
+            stale.unlink(missing_ok=True)
 
 
 def _previous_cache(output: Path) -> FeatureCache | None:

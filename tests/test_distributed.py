@@ -115,3 +115,26 @@ def test_scheduler_errors_are_one_line(data, tmp_path):
     with pytest.raises(FeatcacheError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
         extract(data, tmp_path / "f.h5", scheduler="tcp://127.0.0.1:9", **LITE)
     shutil.rmtree(tmp_path / "f.h5.shards", ignore_errors=True)
+
+
+def test_a_virtual_index_reads_like_a_copy_and_never_gives_nan(data, tmp_path):
+    single = read_cache(extract(data, tmp_path / "one.h5", **LITE).output)
+    out = tmp_path / "index" / "features.h5"
+    result = extract(data, out, scheduler="local:2", shard_size=4, virtual=True, **LITE)
+    assert result.shards == 4 and out.stat().st_size < 100_000
+    _same(read_cache(out), single)
+    moved = tmp_path / "moved"
+    shutil.move(out.parent, moved)  # shard paths are relative to the index
+    _same(read_cache(moved / "features.h5"), single)
+    again = extract(data, moved / "features.h5", scheduler="local:2", shard_size=4, virtual=True, **LITE)
+    assert again.n_computed == 0  # every shard reused
+    shards = sorted((moved / "features.h5.shards").glob("shard-*.h5"))
+    assert len(shards) == 4
+    shards[1].write_bytes(shards[1].read_bytes()[:500])  # damaged
+    with pytest.raises(FeatcacheError, match=f"its shard features.h5.shards/{shards[1].name} is unreadable"):
+        read_cache(moved / "features.h5")
+    shards[1].unlink()  # missing
+    with pytest.raises(FeatcacheError, match=f"its shard features.h5.shards/{shards[1].name} is missing"):
+        read_cache(moved / "features.h5")
+    with pytest.raises(FeatcacheError, match="give a scheduler too"):
+        extract(data, tmp_path / "v.h5", virtual=True, **LITE)
