@@ -188,15 +188,9 @@ def main() -> None:
             ("fmnist-png-28", fashion.write_folder(work / f"fmnist_png_{args.png}", "train", args.png // 10))
         )
     if args.jpeg:
-        folder = work / f"fmnist_jpeg500_{args.jpeg}"
-        sets.append(
-            ("jpeg-500x375", fashion.write_folder(folder, "train", args.jpeg // 10, (500, 375), "JPEG"))
-        )
+        sets.append(("jpeg-500x375", fashion.jpeg_folder(work, args.jpeg)))
     if args.big:
-        folder = work / f"fmnist_jpeg4032_{args.big}"
-        sets.append(
-            ("jpeg-4032x3024", fashion.write_folder(folder, "train", args.big // 10, (4032, 3024), "JPEG"))
-        )
+        sets.append(("jpeg-4032x3024", fashion.jpeg_folder(work, args.big, (4032, 3024))))
     if sets:
         print(
             "img/s: marginal throughput, from the end of the first batch to the end of the command;\n"

@@ -58,3 +58,9 @@ def write_folder(
             img.save(folder / name / f"{i:05d}.{ext}", fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     stamp.write_text("ok")
     return folder
+
+
+def jpeg_folder(workdir: Path, n: int, size: tuple[int, int] = (500, 375)) -> Path:
+    """``n`` training images (``n // 10`` per class) scaled to ``size`` and saved as JPEG quality 90
+    in ``workdir/fmnist_jpeg<width>_<n>``."""
+    return write_folder(workdir / f"fmnist_jpeg{size[0]}_{n}", "train", n // 10, size, "JPEG")

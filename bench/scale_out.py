@@ -137,8 +137,7 @@ def main() -> None:
     print(cpu_line(), flush=True)
     import fashion
 
-    data = fashion.write_folder(args.workdir / f"fmnist_jpeg500_{args.jpeg}", "train", args.jpeg // 10,
-                                (500, 375), "JPEG")  # fmt: skip
+    data = fashion.jpeg_folder(args.workdir, args.jpeg)
     warnings.simplefilter("ignore")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FEATCACHE_CACHE_DIR"] = str(Path(tmp) / "cache")

@@ -34,8 +34,7 @@ def main() -> None:
     import featcache.backbones.openvino_engine as engine
     from featcache.extract import extract
 
-    data = fashion.write_folder(args.workdir / f"fmnist_jpeg500_{args.jpeg}", "train", args.jpeg // 10,
-                                (500, 375), "JPEG")  # fmt: skip
+    data = fashion.jpeg_folder(args.workdir, args.jpeg)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FEATCACHE_CACHE_DIR"] = tmp
         out = Path(tmp) / "features.h5"
