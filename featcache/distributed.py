@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -145,11 +144,6 @@ def run(
         skipped.update(cache.skipped)
         counts.append(len(cache))
     return rows, skipped, computed, counts
-
-
-def remove_shards(output: Path) -> None:
-    """Delete the shards of ``output`` (once they are merged)."""
-    shutil.rmtree(shard_folder(output), ignore_errors=True)
 
 
 def embed_shard(spec: dict[str, Any]) -> dict[str, int]:

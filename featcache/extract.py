@@ -22,6 +22,7 @@ from featcache.backbones.identity import BackboneIdentity, Embedder
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DEFAULT_BACKBONE, DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
+from featcache.distributed import shard_folder
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
 from featcache.files import writable_file
@@ -254,7 +255,7 @@ def _remove_work(output: Path, keep: list[Path] | None = None) -> None:
     """Delete what unfinished runs kept beside ``output``: partial batches, and the shards but
     those in ``keep`` (the shards a virtual cache indexes)."""
     shutil.rmtree(output.with_name(f".{output.name}.partial"), ignore_errors=True)
-    shards = output.with_name(output.name + ".shards")
+    shards = shard_folder(output)
     if not keep:
         shutil.rmtree(shards, ignore_errors=True)
     elif shards.is_dir():

@@ -226,7 +226,9 @@ def evaluate(
         raise FeatcacheError(f"{source}: no such feature cache or image folder")
     bundle = load_bundle(model_path)
     if source.is_dir():
-        predictor = _predictor(bundle, device, engine, batch_size, workers)
+        from featcache.predictor import Predictor
+
+        predictor = Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers)
         paths, truth, predicted, skipped = _predict_folder(predictor, source)
     else:
         cache = read_cache(source)
@@ -249,12 +251,6 @@ def evaluate(
             f"(model classes: {', '.join(bundle.folders[:10])}{'…' if len(bundle.folders) > 10 else ''})"
         )
     return _score(bundle, paths, truth, predicted, skipped)
-
-
-def _predictor(bundle: ModelBundle, device: str, engine: str, batch_size: int, workers: int) -> Predictor:
-    from featcache.predictor import Predictor
-
-    return Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers)
 
 
 def _predict_folder(
