@@ -61,6 +61,21 @@ def plan(
     return shards
 
 
+def workers_to_start(scheduler: str) -> int | None:
+    """The number of local workers ``scheduler`` asks for (None for a ``tcp://`` scheduler); an
+    error for anything else."""
+    if scheduler == "local" or scheduler.startswith("local:"):
+        count = scheduler.partition(":")[2] or str(os.cpu_count() or 1)
+        if not count.isdigit() or int(count) < 1:
+            raise FeatcacheError(
+                f"scheduler {scheduler!r}: the number of workers must be a whole number >= 1"
+            )
+        return int(count)
+    if scheduler.startswith("tcp://"):
+        return None
+    raise FeatcacheError(f"scheduler must be local, local:N or tcp://HOST:PORT, got {scheduler!r}")
+
+
 @contextmanager
 def dask_client(scheduler: str) -> Iterator[Client]:
     """A Dask client: ``local`` or ``local:N`` starts a cluster of N worker processes (one thread

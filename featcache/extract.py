@@ -22,7 +22,7 @@ from featcache.backbones.identity import BackboneIdentity, Embedder
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DEFAULT_BACKBONE, DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
-from featcache.distributed import shard_folder
+from featcache.distributed import shard_folder, workers_to_start
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
 from featcache.files import writable_file
@@ -96,6 +96,8 @@ def extract(
         raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
     if virtual and scheduler is None:
         raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
+    if scheduler is not None:
+        workers_to_start(scheduler)  # a mistyped scheduler is an error even when nothing is left to do
     output = writable_file(output)
     previous = None if overwrite else _previous_cache(output)
     recorded = previous.identity if previous is not None else None
