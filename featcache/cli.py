@@ -72,22 +72,52 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-def backbones() -> None:
+@click.option(
+    "--layers",
+    "layers_of",
+    metavar="NAME",
+    default=None,
+    help="List the stages of backbone NAME that --layers can pool, with their channels.",
+)
+def backbones(layers_of: str | None) -> None:
     """List the registered backbones with their weights and preprocessing."""
     from featcache.backbones import get_entry, list_backbones
+    from featcache.backbones.weights import installed_backbones
 
-    names = list_backbones()
+    if layers_of is not None:
+        _echo_layers(get_entry(layers_of))
+        return
+    names, installed = list_backbones(), installed_backbones()
     for name in names:
         entry = get_entry(name)
         p = entry.preprocessing
         weights = ", ".join(w.name for w in entry.weights)
+        here = "installed" if name in installed else "download on first use"
         click.echo(f"{name}{' (default)' if name == names[0] else ''}: {entry.description}")
-        click.echo(f"    weights: {weights} (first is default), or a file path, or 'random'")
+        click.echo(f"    weights: {weights} ({here}; first is default), or a file path, or 'random'")
         click.echo(
             f"    input {p.size}x{p.size} {p.resize} {p.interpolation}, mean {p.mean}, std {p.std}, "
-            f"pools {', '.join(entry.pools)}"
+            f"pools {', '.join(entry.pools)}; layers last, or multi = {entry.multi} "
+            f"({entry.pooled_dim('avg', entry.multi)}-d)"
         )
-    click.echo("Any torchvision classification model name (e.g. resnet50) works too.")
+    click.echo(
+        "Any torchvision classification model name (e.g. resnet50), and timm:NAME for any timm model "
+        "(e.g. timm:convnext_tiny.fb_in22k_ft_in1k), work too."
+    )
+
+
+def _echo_layers(entry) -> None:
+    size = entry.preprocessing.size
+    click.echo(f"{entry.name}: layers for --layers (each is pooled, then they are concatenated)")
+    click.echo(f"  {'stage':>5}  {'module':<14} {'channels':>8}  output at {size}x{size}")
+    for i, stage in enumerate(entry.stages):
+        side = -(-size // stage.reduction)
+        click.echo(f"  {i:>5}  {stage.module:<14} {stage.channels:>8}  {side}x{side}")
+    click.echo(f"  {'last':>5}  {'(features)':<14} {entry.feature_dim:>8}  the layer the classifier pools")
+    click.echo(f"  multi = {entry.multi}: {entry.layers_dim(entry.multi)} channels")
+    example = ",".join([*(str(i) for i in range(max(0, len(entry.stages) - 2), len(entry.stages))), "last"])
+    if entry.stages:
+        click.echo(f"  e.g. --layers {example}")
 
 
 @cli.command()
@@ -98,7 +128,7 @@ def backbones() -> None:
 @click.option(
     "--backbone",
     default=None,
-    help=f"Backbone name (see 'featcache backbones'; any torchvision classifier works too). "
+    help=f"Backbone name (see 'featcache backbones'; any torchvision classifier, or timm:NAME, works too). "
     f"Default: the one the existing cache records, else {choices.DEFAULT_BACKBONE}.",
 )
 @click.option(
@@ -117,6 +147,13 @@ def backbones() -> None:
     type=click.Choice(choices.POOLS),
     default=None,
     help="How the last feature map is pooled into one vector. Default: the cache's, else avg.",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Layers to pool and concatenate: 'last', 'multi' (the backbone's measured preset) or stage "
+    "indices and last, e.g. 4,5,6,last (see 'featcache backbones --layers NAME'). "
+    "Default: the cache's, else last.",
 )
 @click.option(
     "--dtype",
@@ -174,6 +211,7 @@ def extract(
     weights: str | None,
     labels: str | None,
     pool: str | None,
+    layers: str | None,
     dtype: str | None,
     precision: str | None,
     batch_size: int,
@@ -201,6 +239,7 @@ def extract(
             backbone=backbone,
             weights=weights,
             pool=pool,
+            layers=layers,
             dtype=dtype,
             precision=precision,
             labels=labels,
@@ -239,10 +278,14 @@ def info(features: str, show_skipped: bool) -> None:
     click.echo(f"  backbone     {ident.backbone}, weights {ident.weights}")
     click.echo(f"  weights sha  {ident.weights_sha256}")
     click.echo(
-        f"  features     {ident.feature_dim}-d, {ident.pool} pooling, computed in {ident.precision}"
+        f"  features     {ident.feature_dim}-d, {ident.pool} pooling of layers {ident.layers}, "
+        f"computed in {ident.precision}"
         f"{f' on {cache.engine}' if cache.engine else ''}, stored as {cache.dtype}"
     )
-    click.echo(f"  preprocess   {p.size}x{p.size} {p.resize} ({p.interpolation}), mean {p.mean}, std {p.std}")
+    crop = f" {p.crop_pct:g}" if p.crop_pct != 1 else ""
+    click.echo(
+        f"  preprocess   {p.size}x{p.size} {p.resize}{crop} ({p.interpolation}), mean {p.mean}, std {p.std}"
+    )
     click.echo(f"  data root    {cache.data_root}")
     made = f"{cache.shards} shard(s) on a Dask cluster" if cache.shards else "one process"
     click.echo(f"  made by      {made}")
@@ -295,7 +338,9 @@ def _echo_extract(result) -> None:
     ident = result.identity
     click.echo(
         f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
-        f"{ident.feature_dim}-d {ident.pool}-pooled, {ident.precision} on {result.engine}; "
+        f"{ident.feature_dim}-d {ident.pool}-pooled"
+        f"{'' if ident.layers == 'last' else f' layers {ident.layers}'}, "
+        f"{ident.precision} on {result.engine}; "
         f"computed {result.n_computed}, "
         f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
         + ("" if result.written else " (unchanged)")

@@ -62,6 +62,7 @@ def extract(
     backbone: str | None = None,
     weights: str | None = None,
     pool: str | None = None,
+    layers: str | None = None,
     dtype: str | None = None,
     precision: str | None = None,
     labels: str | os.PathLike | None = None,
@@ -79,8 +80,10 @@ def extract(
 
     An existing cache is updated incrementally (unchanged files are reused, new and modified
     files computed, deleted files dropped), and the settings not given (``backbone``,
-    ``weights``, ``pool``, ``dtype``, ``precision``) are the ones it records; without a cache
-    they default to ``mobilenet_v2``, its first weights, ``avg``, ``float32`` and ``fp32``. A
+    ``weights``, ``pool``, ``layers``, ``dtype``, ``precision``) are the ones it records; without
+    a cache they default to ``mobilenet_v2``, its first weights, ``avg``, ``last``, ``float32``
+    and ``fp32``. ``layers`` (``last``, ``multi``, or stage indices and ``last``, as
+    ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. A
     cache made with other settings, or from another folder, is an error unless ``overwrite``
     (a folder that was only moved, holding the same files, is reused). Unreadable files are
     skipped and listed. ``engine`` and ``device`` choose what runs the backbone (see
@@ -104,7 +107,7 @@ def extract(
     backbone = backbone or (recorded.backbone if recorded else DEFAULT_BACKBONE)
     if recorded is not None and backbone == recorded.backbone:
         weights, pool = weights or recorded.weights, pool or recorded.pool
-        precision = precision or recorded.precision
+        precision, layers = precision or recorded.precision, layers or recorded.layers
     dtype = dtype or (previous.dtype if previous is not None else "float32")
     if dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -122,8 +125,8 @@ def extract(
             on_progress(Progress(done, total, stage="download"))
 
     net = build_backbone(
-        backbone, weights=weights, pool=pool or "avg", precision=precision or "fp32", device=device,
-        engine=engine, on_download=downloaded,
+        backbone, weights=weights, pool=pool or "avg", layers=layers or "last", precision=precision or "fp32",
+        device=device, engine=engine, on_download=downloaded,
     )  # fmt: skip
     identity = net.identity
     if previous is not None:

@@ -5,6 +5,7 @@ Extract and predict both call :func:`load_pixels`, so they cannot preprocess dif
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections import deque
@@ -75,7 +76,8 @@ def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
         out = img.resize((s, s), method)
     else:
         w, h = img.size
-        scale = s / min(w, h)
+        short = math.floor(s / prep.crop_pct)
+        scale = short / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         out = img.resize((nw, nh), method)
         left, top = (nw - s) // 2, (nh - s) // 2
@@ -85,7 +87,8 @@ def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
 
 def load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray:
     """Decode ``source`` and return the network-ready size×size×3 uint8 RGB array."""
-    return resize(load_image(source, draft=prep.size if prep.jpeg_draft else None), prep)
+    draft = math.floor(prep.size / prep.crop_pct) if prep.jpeg_draft else None
+    return resize(load_image(source, draft=draft), prep)
 
 
 def try_load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray | str:

@@ -4,7 +4,8 @@ the one factory that builds them (:func:`featcache.backbones.build.build_backbon
 Importing this package registers the backbone families and imports no torch; building one does.
 """
 
-from featcache.backbones import efficientnet_lite, mobilenet, torchvision_any  # noqa: F401  (registers)
+# registration order is lookup order: timm's names are recognised by their prefix, before torchvision's
+from featcache.backbones import efficientnet_lite, mobilenet, timm_any, torchvision_any  # noqa: F401, I001
 from featcache.backbones.identity import (
     RANDOM,
     BackboneEntry,

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import RANDOM, BackboneEntry, BackboneIdentity, Embedder
+from featcache.backbones.identity import LAST, RANDOM, BackboneEntry, BackboneIdentity, Embedder
 from featcache.backbones.registry import get_entry
 from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
@@ -34,6 +34,7 @@ def build_backbone(
     *,
     weights: str | None = None,
     pool: str = "avg",
+    layers: str = LAST,
     precision: str = "fp32",
     device: str = "cpu",
     engine: str = "auto",
@@ -47,7 +48,10 @@ def build_backbone(
     ``weights`` is a weights name, a file path or ``"random"`` (untrained, for tests; warns);
     weights files are found as an explicit path, then in the torch hub cache, then downloaded
     with their hash checked (unless ``download`` is false or ``FEATCACHE_OFFLINE=1``), reporting
-    bytes to ``on_download``. ``precision`` is ``fp32`` or ``bf16``; ``device`` is ``cpu``,
+    bytes to ``on_download``. ``layers`` is ``last``, ``multi`` or stage indices and ``last``
+    (``4,5,6,last``): each layer is pooled with ``pool`` and the vectors are concatenated (see
+    :meth:`~featcache.backbones.identity.BackboneEntry.resolve_layers`). ``precision`` is
+    ``fp32`` or ``bf16``; ``device`` is ``cpu``,
     ``cuda`` or ``auto``. ``engine`` is ``openvino`` (CPU only), ``torch``, or ``auto``: PyTorch
     on CUDA, else OpenVINO. With ``traced``, PyTorch on the CPU loads a saved trace instead of
     building the network. ``optimize=False`` keeps the PyTorch network exactly as built (no
@@ -61,7 +65,12 @@ def build_backbone(
     wanted = backbone if isinstance(backbone, BackboneIdentity) else None
     if wanted is not None:
         backbone, weights, pool, precision = wanted.backbone, wanted.weights, wanted.pool, wanted.precision
+        layers = wanted.layers
     entry = _checked_entry(backbone, pool, precision)
+    try:
+        layers = entry.resolve_layers(layers)
+    except ValueError as e:
+        raise FeatcacheError(str(e)) from None
     weights = weights or entry.default_weights
     if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
         warnings.warn(
@@ -74,9 +83,8 @@ def build_backbone(
     if weights != RANDOM and wanted is None:
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
-        wanted = BackboneIdentity(
-            entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool), precision
-        )
+        dim = entry.pooled_dim(pool, layers)
+        wanted = BackboneIdentity(entry.name, label, sha, entry.preprocessing, pool, dim, precision, layers)
     if wanted is not None and (ready := _saved(wanted, engine, device, traced and optimize)) is not None:
         return ready
     if weights != RANDOM and path is None:
@@ -84,7 +92,7 @@ def build_backbone(
         sha = file_sha256(path)
     # the network PyTorch runs, or the fp32 one OpenVINO converts
     arithmetic = "fp32" if engine == "openvino" else precision
-    net = _eager(entry, label, path, pool, arithmetic, device, optimize, sha)
+    net = _eager(entry, label, path, pool, layers, arithmetic, device, optimize, sha)
     identity = dataclasses.replace(net.identity, precision=precision)
     if wanted is None and (ready := _saved(identity, engine, device, traced=False)) is not None:
         return ready  # random weights, converted by an earlier run
@@ -186,6 +194,7 @@ def _eager(
     label: str,
     path: Path | None,
     pool: str,
+    layers: str,
     precision: str,
     device: str,
     optimize: bool,
@@ -208,15 +217,27 @@ def _eager(
         sha = state_sha256(model)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _read_state(path)
         except Exception as e:  # any unreadable file: say which one
             raise FeatcacheError(f"cannot load weights file {path}: {e}") from None
         try:
             entry.load(model, state)
         except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
+            first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
             raise FeatcacheError(f"weights file {path} does not fit backbone {entry.name}: {first}") from None
     identity = BackboneIdentity(
-        entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool), precision
+        entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool, layers), precision, layers
     )
     return EagerBackbone(entry, model, identity, optimize=optimize).to(device)
+
+
+def _read_state(path: Path) -> dict:
+    """The tensors of a weights file: safetensors (Hugging Face's format) or a PyTorch pickle,
+    read without running code."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

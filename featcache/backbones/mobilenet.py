@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.identity import LAST, BackboneEntry, Preprocessing, Stage, WeightsSource
 from featcache.backbones.registry import register
 
 if TYPE_CHECKING:
     from torch import nn
 
 _HUB = "https://download.pytorch.org/models/"
+# the inverted-residual stages of the paper's Table 2: where each ends in ``features``, its channels, stride
+_STAGES = ((1, 16, 2), (3, 24, 4), (6, 32, 8), (10, 64, 16), (13, 96, 16), (16, 160, 32), (17, 320, 32))
 
 
 def _source(name: str, filename: str, description: str) -> WeightsSource:
@@ -40,5 +42,7 @@ register(
         build=_build,
         features=lambda model, x: model.features(x),
         head=lambda model: model.classifier,
+        stages=tuple(Stage(f"features.{end}", c, r) for end, c, r in _STAGES),
+        multi=f"4,5,6,{LAST}",  # EfficientNet-Lite's measured preset: the same stage layout
     )
 )

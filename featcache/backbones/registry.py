@@ -35,10 +35,13 @@ def get_entry(name: str) -> BackboneEntry:
     if name in _REGISTRY:
         return _REGISTRY[name]
     for factory in _FALLBACKS:
-        entry = factory(name)
+        try:
+            entry = factory(name)
+        except ValueError as e:
+            raise FeatcacheError(f"backbone {name!r}: {e}") from None
         if entry is not None:
             return entry
     raise FeatcacheError(
-        f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}, "
-        "or any torchvision classification model name (e.g. resnet50)"
+        f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}, any torchvision "
+        "classification model name (e.g. resnet50), or timm:NAME for any timm model (e.g. timm:convnext_tiny)"
     )

@@ -73,9 +73,14 @@ def resolve_weights(
     if not download or offline():
         raise _missing(entry, source, cached, "downloads are disabled")
     try:
+        if source.fetch is not None:
+            return source.name, source.fetch()
         _download(source.url, cached, on_progress)
-    except OSError as e:  # URLError, timeouts, DNS, refused connections, a full disk
-        raise _missing(entry, source, cached, f"download failed: {getattr(e, 'reason', e)}") from None
+    except FeatcacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, DNS, a full disk, the Hub client's errors
+        why = str(getattr(e, "reason", None) or e).strip().splitlines() or [type(e).__name__]
+        raise _missing(entry, source, cached, f"download failed: {why[0][:200]}") from None
     return source.name, cached
 
 
