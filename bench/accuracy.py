@@ -1,17 +1,23 @@
-"""Test accuracy of every model family on Fashion-MNIST at the course's scale.
+"""Test accuracy on Fashion-MNIST at the course's scale: backbone x layers x model family.
 
-100 training images per class (seeded choice from the 60,000) are extracted with
-``efficientnet_lite0``, each family is cross-validated and fit on them, and the fitted model is
-scored on the official 10,000-image test set. Needs the Debian package dataset-fashion-mnist.
-Image folders and caches stay in ``--workdir`` (git-ignored), so a rerun only refits.
+100 training images per class (seeded choice from the 60,000) are extracted once per backbone
+with every layer it has (``--layers 0,1,...,last``); the features of any layer set are columns of
+that extraction (the test suite checks that they equal a separate ``--layers`` extraction), so
+each set is written as its own cache and fit (CV on the training images only) and scored on
+the official 10,000-image test set. Extraction speed is measured apart: ``extract`` of 500
+images with the set's own ``--layers``, the second of two runs (the first converts the model).
+Needs the Debian package dataset-fashion-mnist. Folders and caches stay in ``--workdir``
+(git-ignored), so a rerun only refits.
 
-    python bench/accuracy.py
-    python bench/accuracy.py --precision bf16     # the same with bf16 autocast extraction
+    python bench/accuracy.py                                    # Lite0/1/2 x last/multi x 3 families
+    python bench/accuracy.py --search --backbones efficientnet_lite0 --families logreg
+    python bench/accuracy.py --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,46 +27,115 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
 from fashion import write_folder  # noqa: E402
 
+from featcache.backbones import get_entry  # noqa: E402
+from featcache.backbones.identity import split_layers  # noqa: E402
+from featcache.cache import read_cache, write_cache  # noqa: E402
 from featcache.extract import extract  # noqa: E402
 from featcache.fit import evaluate, fit  # noqa: E402
-from featcache.models import FAMILIES  # noqa: E402
+
+LADDER = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
+SEARCH = [
+    "last", "6,last", "5,6,last", "4,5,6,last", "3,4,5,6,last", "2,3,4,5,6,last", "1,2,3,4,5,6,last",
+    "0,1,2,3,4,5,6,last", "4,5,6", "2,3,4,5,6",
+]  # fmt: skip
+
+
+def columns(entry, everything: str, layers: str) -> list[int]:
+    """Which columns of the all-layers features (avg-pooled) make up the features of ``layers``."""
+    starts, at = {}, 0
+    stages, last = split_layers(everything)
+    for i in stages:
+        starts[i] = (at, at + entry.stages[i].channels)
+        at += entry.stages[i].channels
+    starts["last"] = (at, at + entry.feature_dim)
+    wanted, with_last = split_layers(layers)
+    return [c for key in [*wanted, *(["last"] if with_last else [])] for c in range(*starts[key])]
+
+
+def sliced(source: Path, target: Path, entry, everything: str, layers: str) -> Path:
+    if target.is_file():
+        return target
+    cache = read_cache(source)
+    cols = columns(entry, everything, layers)
+    cache.identity = dataclasses.replace(cache.identity, layers=layers, feature_dim=len(cols))
+    cache.features = cache.features[:, cols]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_cache(cache, target)
+    return target
+
+
+def speed(folder: Path, work: Path, backbone: str, layers: str, precision: str) -> float:
+    out = work / "speed.h5"
+    for _ in range(2):
+        result = extract(folder, out, backbone=backbone, layers=layers, precision=precision, overwrite=True)
+    return result.n_images / result.seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/accuracy"))
     parser.add_argument("--per-class", type=int, default=100, help="training images per class")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--backbones", default=LADDER, help="comma-separated backbone names")
+    parser.add_argument("--layers", default="last;multi", help="layer sets, separated by ';'")
+    parser.add_argument("--search", action="store_true", help=f"compare the layer sets {SEARCH}")
+    parser.add_argument("--families", default="logreg,linsvm,softmax")
+    parser.add_argument("--no-speed", action="store_true", help="skip the extraction speed runs")
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction precision")
     args = parser.parse_args()
     print(cpu_line(), flush=True)
+    print("command: python bench/accuracy.py " + " ".join(sys.argv[1:]), flush=True)
 
     work = args.workdir
     train_dir = write_folder(work / f"train{args.per_class}", "train", args.per_class)
     test_dir = write_folder(work / "test", "t10k", None)
-    caches = {}
-    for name, folder in (("train", train_dir), ("test", test_dir)):
-        suffix = "" if args.precision == "fp32" else f"-{args.precision}"
-        caches[name] = work / f"{name}{args.per_class if name == 'train' else ''}-{args.backbone}{suffix}.h5"
-        start = time.perf_counter()
-        result = extract(folder, caches[name], backbone=args.backbone, precision=args.precision)
-        print(f"extract {name}: {result.n_images} images ({result.n_computed} computed) "
-              f"in {time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    speed_dir = write_folder(work / "speed", "train", 50, seed=1)
+    layer_sets = SEARCH if args.search else args.layers.split(";")
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    rows = []
+    for backbone in args.backbones.split(","):
+        entry = get_entry(backbone)
+        everything = entry.resolve_layers(",".join([*map(str, range(len(entry.stages))), "last"]))
+        caches = {}
+        for name, folder in (("train", train_dir), ("test", test_dir)):
+            caches[name] = (
+                work / f"{name}{args.per_class if name == 'train' else ''}-{backbone}-all{suffix}.h5"
+            )
+            result = extract(
+                folder, caches[name], backbone=backbone, layers=everything, precision=args.precision
+            )
+            print(f"extract {backbone} {name}: {result.n_images} images ({result.n_computed} computed) "
+                  f"in {result.seconds:.0f} s", flush=True)  # fmt: skip
+        for spec in layer_sets:
+            layers = entry.resolve_layers(spec)
+            shown = f"multi = {layers}" if spec == "multi" else layers
+            img_s = (
+                float("nan") if args.no_speed else speed(speed_dir, work, backbone, layers, args.precision)
+            )
+            tag = f"{backbone}-{layers.replace(',', '_')}{suffix}"
+            train = sliced(caches["train"], work / "sliced" / f"train-{tag}.h5", entry, everything, layers)
+            test = sliced(caches["test"], work / "sliced" / f"test-{tag}.h5", entry, everything, layers)
+            dim = read_cache(train).identity.feature_dim
+            for family in args.families.split(","):
+                fitted = fit(train, model=family, cv=args.cv, output=work / "models" / tag / family)
+                r = fitted.report["families"][family]
+                scores = evaluate(test, fitted.model_path)
+                params = ", ".join(f"{k.split('__')[-1]}={v:g}" for k, v in r["best_params"].items())
+                rows.append((backbone, shown, dim, family, params, r, scores.accuracy, img_s))
+                print(f"  {backbone} {shown} {family}: CV {100 * r['cv_accuracy_mean']:.2f}, "
+                      f"test {100 * scores.accuracy:.2f} %, {img_s:.0f} img/s", flush=True)  # fmt: skip
 
-    print(f"\nFashion-MNIST, {args.backbone} ({args.precision}), {args.per_class} training images per class, "
-          f"{args.cv}-fold CV; test set of 10,000")  # fmt: skip
-    print(f"{'family':8}  {'best params':28}  {'CV acc':>13}  {'test acc':>8}  {'test F1':>7}  {'fit s':>6}")
-    for family in FAMILIES:
-        models = work / "models" / args.precision / family
-        fitted = fit(caches["train"], model=family, cv=args.cv, output=models)
-        r = fitted.report["families"][family]
-        scores = evaluate(caches["test"], fitted.model_path)
-        params = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in r["best_params"].items())
-        cv_acc = f"{100 * r['cv_accuracy_mean']:.1f} ± {100 * r['cv_accuracy_std']:.1f}"
-        print(f"{family:8}  {params:28}  {cv_acc:>13}  {100 * scores.accuracy:7.2f}%  "
-              f"{100 * scores.macro_f1:6.2f}%  {r['fit_seconds']:6.1f}", flush=True)  # fmt: skip
+    print(f"\nFashion-MNIST, {args.per_class} training images per class, {args.cv}-fold CV on them; "
+          f"test set: the official 10,000; extraction precision {args.precision}")  # fmt: skip
+    print("| backbone | layers | features | family | chosen | CV accuracy | test accuracy | extract img/s |")
+    print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: |")
+    for backbone, shown, dim, family, params, r, acc, img_s in rows:
+        cv_acc = f"{100 * r['cv_accuracy_mean']:.2f} ± {100 * r['cv_accuracy_std']:.2f}"
+        cells = [backbone, shown, dim, family, params, cv_acc, f"{100 * acc:.2f} %", f"{img_s:.0f}"]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":
+    started = time.perf_counter()
     main()
+    print(f"\n({time.perf_counter() - started:.0f} s)")

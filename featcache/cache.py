@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +63,16 @@ class FeatureCache:
     def names(self) -> list[str]:
         """Display names of the classes (from the label map when there is one)."""
         return [self.label_map.display(c) for c in self.folders]
+
+    def labelled(self, paths: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 features of the labelled rows (of ``paths`` only, when given) and their class
+        folder names."""
+        mask = self.labels >= 0
+        if paths is not None:
+            wanted = set(paths)
+            mask &= np.array([p in wanted for p in self.paths], dtype=bool)
+        folders = np.array(self.folders, dtype=object)
+        return self.features[mask].astype(np.float32), folders[self.labels[mask]].astype(str)
 
     def same_content(self, other: FeatureCache) -> bool:
         """Whether ``other`` holds the same rows, files, class folders, skip records and labels (the

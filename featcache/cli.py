@@ -259,6 +259,102 @@ def extract(
 
 
 @cli.command()
+@click.argument("data_dir")
+@click.option(
+    "--candidate",
+    "candidates",
+    multiple=True,
+    metavar="BACKBONE[@LAYERS]",
+    help="Also try this backbone with these layers (e.g. efficientnet_lite2@multi, timm:resnet50@last); "
+    "repeatable. Always tried: every backbone whose weights are installed, with last and multi.",
+)
+@click.option("--only", is_flag=True, help="Try the --candidate backbones alone, not the installed ones too.")
+@click.option(
+    "--per-class", type=click.IntRange(min=2), default=20, show_default=True, help="Sample size per class."
+)
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="Stratified folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and the folds.")
+@click.option(
+    "--workdir",
+    default=None,
+    help="Where the sample's features are kept for reruns. Default: a folder per dataset in featcache's "
+    "cache folder (~/.cache/featcache/choose).",
+)
+@_batch_size_option("Images per forward pass.")
+@_device_option("Where the backbones run.")
+@_engine_option("What runs the backbones.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def choose(
+    data_dir: str,
+    candidates: tuple[str, ...],
+    only: bool,
+    per_class: int,
+    cv: int,
+    seed: int,
+    workdir: str | None,
+    batch_size: int,
+    device: str,
+    engine: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Measure which backbone and layers suit DATA_DIR, on a stratified sample of it.
+
+    Each candidate extracts the same sample once (kept for reruns; a larger --per-class reuses
+    it), and logistic regression is cross-validated on its features as 'fit' does. Prints a
+    table, best first, and the 'featcache extract' command for the best.
+    """
+    from featcache.choose import Candidate, default_candidates
+    from featcache.choose import choose as run_choose
+
+    if only and not candidates:
+        raise click.UsageError("--only needs at least one --candidate")
+    wanted = [] if only else default_candidates()
+    wanted += [Candidate.parse(c) for c in candidates]
+    bars: dict = {}
+
+    def progress(candidate, p) -> None:
+        bar = bars.setdefault(str(candidate), _ProgressBar(str(candidate), quiet or as_json))
+        bar.update(p)
+
+    try:
+        result = run_choose(
+            data_dir, wanted, per_class=per_class, cv=cv, seed=seed, workdir=workdir,
+            device=device, engine=engine, batch_size=batch_size, on_progress=progress,
+        )  # fmt: skip
+    finally:
+        for bar in bars.values():
+            bar.close()
+    if as_json:
+        rows = [
+            {"backbone": s.candidate.backbone, "layers": s.layers, "asked": s.candidate.layers,
+             "feature_dim": s.feature_dim, "cv_accuracy_mean": s.cv_accuracy_mean,
+             "cv_accuracy_std": s.cv_accuracy_std, "images_per_second": s.images_per_second,
+             "engine": s.engine, "computed": s.n_computed, "command": s.extract_command(data_dir)}
+            for s in result.scored
+        ]  # fmt: skip
+        out = {"n_images": result.n_images, "n_classes": result.n_classes, "cv": result.cv,
+               "workdir": str(result.workdir), "candidates": rows, "best": rows[0]}  # fmt: skip
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(
+        f"{result.n_images} images ({result.n_classes} classes, up to {per_class} each), "
+        f"logistic regression, {cv}-fold CV:"
+    )
+    width = max(len(str(s.candidate)) for s in result.scored)
+    click.echo(f"  {'candidate':<{width}}  {'CV accuracy':>15}  {'features':>8}  {'img/s':>6}")
+    for s in result.scored:
+        acc = f"{100 * s.cv_accuracy_mean:.1f} ± {100 * s.cv_accuracy_std:.1f} %"
+        click.echo(
+            f"  {str(s.candidate):<{width}}  {acc:>15}  {s.feature_dim:>8}  {s.images_per_second:>6.0f}"
+        )
+    click.echo("(img/s: decoding and embedding on this machine; a difference within ± is noise)")
+    click.echo(f"best: {result.best.candidate}. To extract the whole folder with it:")
+    click.echo(f"  {result.best.extract_command(data_dir)}")
+
+
+@cli.command()
 @click.argument("features", default="features.h5")
 @click.option("--skipped", "show_skipped", is_flag=True, help="List every skipped file with its reason.")
 def info(features: str, show_skipped: bool) -> None:

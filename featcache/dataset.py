@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,25 @@ class Dataset:
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
+
+    def subset(self, relpaths: Collection[str]) -> Dataset:
+        """The same folder with only the files ``relpaths`` (paths as in :attr:`ImageFile.relpath`).
+
+        Raises :class:`FeatcacheError` naming a path that is not one of this dataset's images.
+        """
+        wanted = set(relpaths)
+        known = {f.relpath for f in self.files} | {p for p, _ in self.unreadable}
+        missing = sorted(wanted - known)
+        if missing:
+            raise FeatcacheError(
+                f"{len(missing)} of the files asked for are not images under {self.root} ({missing[0]!r})"
+            )
+        return Dataset(
+            self.root,
+            self.folders,
+            [f for f in self.files if f.relpath in wanted],
+            [u for u in self.unreadable if u[0] in wanted],
+        )
 
 
 def _hidden(name: str) -> bool:

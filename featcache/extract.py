@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,7 @@ def extract(
     dtype: str | None = None,
     precision: str | None = None,
     labels: str | os.PathLike | None = None,
+    files: Collection[str] | None = None,
     batch_size: int = 32,
     workers: int = 2,
     device: str = "auto",
@@ -85,7 +86,8 @@ def extract(
     and ``fp32``. ``layers`` (``last``, ``multi``, or stage indices and ``last``, as
     ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. A
     cache made with other settings, or from another folder, is an error unless ``overwrite``
-    (a folder that was only moved, holding the same files, is reused). Unreadable files are
+    (a folder that was only moved, holding the same files, is reused). With ``files`` (paths
+    relative to ``data_dir``), only those images are embedded and kept. Unreadable files are
     skipped and listed. ``engine`` and ``device`` choose what runs the backbone (see
     :func:`~featcache.backbones.build.build_backbone`). Ctrl-C raises
     :class:`~featcache.errors.Interrupted`; the images done so far are kept for the next run.
@@ -112,6 +114,8 @@ def extract(
     if dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     dataset = scan(data_dir)
+    if files is not None:
+        dataset = dataset.subset(files)
     if previous is not None:
         _check_same_folder(previous, dataset, output)
     if not dataset.files:

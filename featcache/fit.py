@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featcache.bundle import DEFAULT_MODEL, MODEL_FILE, ModelBundle, load_bundle, save_bundle
-from featcache.cache import FeatureCache, read_cache
+from featcache.cache import read_cache
 from featcache.choices import MODELS
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
@@ -36,12 +36,6 @@ class FitResult:
     model_path: Path
     report_path: Path
     confusion_path: Path
-
-
-def _labelled(cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
-    mask = cache.labels >= 0
-    folders = np.array(cache.folders, dtype=object)
-    return cache.features[mask].astype(np.float32), folders[cache.labels[mask]].astype(str)
 
 
 @contextmanager
@@ -76,8 +70,8 @@ def fit(
     predictions give the per-class table and the confusion matrix. Fits whose solver stopped
     before converging are counted in the report.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-    from sklearn.model_selection import ParameterGrid, StratifiedKFold, cross_validate
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import ParameterGrid, StratifiedKFold
 
     from featcache.models import FAMILIES, linear_head
 
@@ -87,7 +81,7 @@ def fit(
         raise FeatcacheError(f"cv must be an integer >= 2, got {cv!r}")
     cache = read_cache(features)
     out = writable_folder(output)
-    X, y = _labelled(cache)
+    X, y = cache.labelled()
     folders, counts = np.unique(y, return_counts=True)
     if len(folders) < 2:
         raise FeatcacheError(f"{features}: need labelled images of at least 2 classes, found {len(folders)}")
@@ -102,31 +96,9 @@ def fit(
     results: dict[str, Any] = {}
     oof: dict[str, np.ndarray] = {}
     for name in families:
-        family = FAMILIES[name]
         if on_progress:
-            on_progress(f"{name}: {len(ParameterGrid(family.grid))} settings x {cv} folds")
-        start = time.perf_counter()
-        grid = []
-        for params in ParameterGrid(family.grid):
-            pipe = family.build(seed).set_params(**params)
-            with _convergence_warnings() as unconverged:
-                cvr = cross_validate(pipe, X, y, cv=folds, return_estimator=True, return_indices=True)
-            pred = np.empty(len(y), dtype=y.dtype)
-            for est, test in zip(cvr["estimator"], cvr["indices"]["test"], strict=True):
-                pred[test] = est.predict(X[test])
-            accs = [accuracy_score(y[t], pred[t]) for _, t in folds]
-            f1s = [f1_score(y[t], pred[t], average="macro") for _, t in folds]
-            grid.append({"params": params, "cv_accuracy_mean": float(np.mean(accs)),
-                         "cv_accuracy_std": float(np.std(accs)), "cv_f1_macro_mean": float(np.mean(f1s)),
-                         "not_converged": min(len(unconverged), cv), "_pred": pred})  # fmt: skip
-        best = max(grid, key=lambda g: g["cv_accuracy_mean"])
-        oof[name] = best.pop("_pred")
-        for g in grid:
-            g.pop("_pred", None)
-        summary = {k: v for k, v in best.items() if k not in ("params", "not_converged")}
-        results[name] = {**summary, "best_params": best["params"], "fit_seconds": time.perf_counter() - start,
-                         "fits": len(grid) * cv, "not_converged": sum(g["not_converged"] for g in grid),
-                         "grid": grid}  # fmt: skip
+            on_progress(f"{name}: {len(ParameterGrid(FAMILIES[name].grid))} settings x {cv} folds")
+        results[name], oof[name] = cross_validate_family(name, X, y, folds, seed)
     chosen = max(families, key=lambda n: results[n]["cv_accuracy_mean"])
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
@@ -170,6 +142,43 @@ def fit(
         title=f"{chosen}: out-of-fold predictions ({cv}-fold CV, {len(y)} images)",
     )
     return FitResult(report, model_path, report_path, confusion_path)
+
+
+def cross_validate_family(
+    name: str, X: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score every setting of family ``name``'s grid on ``folds``; return its report entry (the best
+    setting's mean and std accuracy, macro F1, every setting's scores, fit time, unconverged fits)
+    and the best setting's out-of-fold predictions."""
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import ParameterGrid, cross_validate
+
+    from featcache.models import FAMILIES
+
+    family = FAMILIES[name]
+    start = time.perf_counter()
+    grid = []
+    for params in ParameterGrid(family.grid):
+        pipe = family.build(seed).set_params(**params)
+        with _convergence_warnings() as unconverged:
+            cvr = cross_validate(pipe, X, y, cv=folds, return_estimator=True, return_indices=True)
+        pred = np.empty(len(y), dtype=y.dtype)
+        for est, test in zip(cvr["estimator"], cvr["indices"]["test"], strict=True):
+            pred[test] = est.predict(X[test])
+        accs = [accuracy_score(y[t], pred[t]) for _, t in folds]
+        f1s = [f1_score(y[t], pred[t], average="macro") for _, t in folds]
+        grid.append({"params": params, "cv_accuracy_mean": float(np.mean(accs)),
+                     "cv_accuracy_std": float(np.std(accs)), "cv_f1_macro_mean": float(np.mean(f1s)),
+                     "not_converged": min(len(unconverged), len(folds)), "_pred": pred})  # fmt: skip
+    best = max(grid, key=lambda g: g["cv_accuracy_mean"])
+    best_pred = best.pop("_pred")
+    for g in grid:
+        g.pop("_pred", None)
+    summary = {k: v for k, v in best.items() if k not in ("params", "not_converged")}
+    report = {**summary, "best_params": best["params"], "fit_seconds": time.perf_counter() - start,
+              "fits": len(grid) * len(folds), "not_converged": sum(g["not_converged"] for g in grid),
+              "grid": grid}  # fmt: skip
+    return report, best_pred
 
 
 def _per_class(
@@ -239,7 +248,7 @@ def evaluate(
                 f"({'; '.join(differences)}): re-extract with the model's backbone, "
                 "or evaluate an image folder"
             )
-        X, y = _labelled(cache)
+        X, y = cache.labelled()
         paths = [p for p, label in zip(cache.paths, cache.labels, strict=True) if label >= 0]
         truth, predicted, skipped = y.tolist(), bundle.predict(X), cache.skipped
     if not paths:

@@ -337,10 +337,11 @@ def _softmax(seed: int) -> Pipeline:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("logreg", "multinomial logistic regression", _logreg, {"clf__C": [0.01, 0.1]}),
+        Family("logreg", "multinomial logistic regression", _logreg,
+               {"clf__C": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]}),
         Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", _linsvm,
-               {"clf__C": [0.0001, 0.001]}, calibrate=True),
-        Family("softmax", "softmax head (SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-2]}),
+               {"clf__C": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}, calibrate=True),
+        Family("softmax", "softmax head (SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-3, 1e-2]}),
     )
 }  # fmt: skip
 assert tuple(FAMILIES) == FAMILY_NAMES, "featcache.choices.FAMILIES lists the families of this module"

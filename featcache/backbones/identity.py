@@ -163,8 +163,8 @@ class BackboneEntry:
         return ",".join([*map(str, sorted(wanted)), *([LAST] if LAST in parts else [])])
 
     def layers_dim(self, layers: str) -> int:
-        """Channels of the layers ``layers`` (canonical form) before pooling, all together."""
-        indices, last = split_layers(layers)
+        """Channels of the layers ``layers`` before pooling, all together."""
+        indices, last = split_layers(self.resolve_layers(layers))
         return sum(self.stages[i].channels for i in indices) + (self.feature_dim if last else 0)
 
     def pooled_dim(self, pool: str, layers: str = LAST) -> int:

@@ -1,0 +1,220 @@
+"""``choose``: which backbone and layers suit a dataset, measured on a stratified sample of it.
+
+Each candidate extracts the same sample (``per_class`` images of every class, a seeded choice
+that grows by adding images, so a larger sample reuses a smaller one's), and logistic regression
+is cross-validated on its features exactly as ``fit`` does. The sample caches are kept (in
+:func:`featcache.files.user_cache_dir` unless told otherwise), so a rerun only refits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones.identity import LAST, MULTI, BackboneIdentity
+from featcache.dataset import Dataset, scan
+from featcache.errors import FeatcacheError
+from featcache.extract import Progress, extract
+from featcache.files import user_cache_dir
+
+SEPARATOR = "@"
+"""Between a candidate's backbone and layers: ``efficientnet_lite2@multi``, ``timm:resnet50@last``."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backbone and the layers to pool from it (``last``, ``multi`` or stage indices and ``last``)."""
+
+    backbone: str
+    layers: str = LAST
+
+    @classmethod
+    def parse(cls, text: str) -> Candidate:
+        """``BACKBONE`` or ``BACKBONE@LAYERS``."""
+        backbone, _, layers = text.strip().partition(SEPARATOR)
+        if not backbone:
+            raise FeatcacheError(f"candidate {text!r}: expected BACKBONE or BACKBONE{SEPARATOR}LAYERS")
+        return cls(backbone, layers.strip() or LAST)
+
+    def __str__(self) -> str:
+        return f"{self.backbone}{SEPARATOR}{self.layers}"
+
+
+@dataclass
+class Scored:
+    """One candidate's result on the sample."""
+
+    candidate: Candidate
+    layers: str
+    feature_dim: int
+    cv_accuracy_mean: float
+    cv_accuracy_std: float
+    images_per_second: float
+    engine: str
+    cache: Path
+    n_computed: int = 0
+
+    def extract_command(self, data_dir: str | os.PathLike) -> str:
+        """The ``featcache extract`` command line that makes these features for the whole folder."""
+        layers = self.candidate.layers if self.candidate.layers.lower() == MULTI else self.layers
+        args = ["featcache", "extract", str(data_dir), "--backbone", self.candidate.backbone]
+        if layers != LAST:
+            args += ["--layers", layers]
+        return shlex.join(args)
+
+
+@dataclass
+class ChooseResult:
+    """What :func:`choose` measured: ``scored`` best first (by CV accuracy, then fewer features,
+    then speed); ``n_images`` images of ``n_classes`` classes, ``cv`` folds."""
+
+    scored: list[Scored]
+    n_images: int
+    n_classes: int
+    cv: int
+    workdir: Path
+
+    @property
+    def best(self) -> Scored:
+        return self.scored[0]
+
+
+def default_candidates() -> list[Candidate]:
+    """The backbones whose weights are on this machine, each with ``last`` and ``multi`` layers."""
+    from featcache.backbones.weights import installed_backbones
+
+    return [Candidate(name, layers) for name in installed_backbones() for layers in (LAST, MULTI)]
+
+
+def sample(dataset: Dataset, per_class: int, seed: int = 0) -> list[str]:
+    """``per_class`` labelled images of each class (all of a smaller class), chosen by a seeded
+    shuffle of each class: a larger ``per_class`` keeps the images of a smaller one."""
+    chosen = []
+    for label, folder in enumerate(dataset.folders):
+        files = sorted(f.relpath for f in dataset.files if f.label == label)
+        digest = hashlib.sha256(f"{seed}/{folder}".encode()).digest()
+        order = np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(len(files))
+        chosen += [files[i] for i in order[:per_class]]
+    return sorted(chosen)
+
+
+def choose(
+    data_dir: str | os.PathLike,
+    candidates: Sequence[Candidate | str] | None = None,
+    per_class: int = 20,
+    cv: int = 5,
+    seed: int = 0,
+    workdir: str | os.PathLike | None = None,
+    device: str = "auto",
+    engine: str = "auto",
+    batch_size: int = 32,
+    on_progress: Callable[[Candidate, Progress], None] | None = None,
+) -> ChooseResult:
+    """Cross-validate logistic regression on the features of every candidate for a sample of
+    ``data_dir`` (``per_class`` images per class) and rank them.
+
+    ``candidates`` default to :func:`default_candidates`. Each candidate's sample is extracted
+    into ``workdir`` (default: a folder per dataset under :func:`~featcache.files.user_cache_dir`),
+    reused by later calls. ``images_per_second`` is the candidate's extraction speed here:
+    decoding and embedding a batch of the sample after a warm-up batch.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from featcache.cache import read_cache
+    from featcache.fit import cross_validate_family
+
+    if per_class < 2:
+        raise FeatcacheError(f"per_class must be at least 2, got {per_class}")
+    wanted = [
+        c if isinstance(c, Candidate) else Candidate.parse(c) for c in (candidates or default_candidates())
+    ]
+    if not wanted:
+        raise FeatcacheError(
+            "no candidates: no backbone's weights are installed here; name some with candidates"
+        )
+    dataset = scan(data_dir)
+    files = sample(dataset, per_class, seed)
+    classes = {f.split("/", 1)[0] for f in files}
+    if len(classes) < 2:
+        raise FeatcacheError(f"{data_dir}: need labelled images (class folders) of at least 2 classes")
+    work = Path(workdir) if workdir is not None else _default_workdir(dataset.root)
+    scored = []
+    for candidate in dict.fromkeys(wanted):
+        output = work / f"{_safe(str(candidate))}.h5"
+        keep = set(files) | _cached_paths(output, dataset)  # a smaller sample keeps a larger one's rows
+
+        def report(progress: Progress, candidate: Candidate = candidate) -> None:
+            if on_progress:
+                on_progress(candidate, progress)
+
+        result = extract(
+            data_dir, output, backbone=candidate.backbone, layers=candidate.layers, files=keep,
+            batch_size=batch_size, device=device, engine=engine, on_progress=report,
+        )  # fmt: skip
+        cache = read_cache(output)
+        X, y = cache.labelled(files)
+        counts = np.unique(y, return_counts=True)[1]
+        if counts.min() < cv:
+            raise FeatcacheError(
+                f"the sample has a class with {counts.min()} readable image(s), fewer than cv={cv}: "
+                "raise per_class, or lower cv"
+            )
+        folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
+        scores, _ = cross_validate_family("logreg", X, y, folds, seed)
+        speed = _images_per_second(cache.identity, dataset.subset(files), device, engine, batch_size)
+        scored.append(
+            Scored(candidate, result.identity.layers, result.identity.feature_dim, scores["cv_accuracy_mean"],
+                   scores["cv_accuracy_std"], speed, result.engine, output, result.n_computed)
+        )  # fmt: skip
+    scored.sort(key=lambda s: (-round(s.cv_accuracy_mean, 9), s.feature_dim, -s.images_per_second))
+    return ChooseResult(scored, len(files), len(classes), cv, work)
+
+
+def _images_per_second(
+    identity: BackboneIdentity, dataset: Dataset, device: str, engine: str, batch_size: int
+) -> float:
+    from featcache.backbones.build import build_backbone
+    from featcache.embedding import embed_files
+
+    net = build_backbone(identity, device=device, engine=engine)
+    batch = max(1, min(batch_size, len(dataset.files) // 2))
+    done, start = 0, 0.0
+    for i, (rows, skipped) in enumerate(
+        embed_files(net, dataset, dataset.files[: 3 * batch], batch, workers=2)
+    ):
+        if i == 0:
+            start = time.perf_counter()  # the first batch warms the engine up
+        else:
+            done += len(rows) + len(skipped)
+    seconds = time.perf_counter() - start
+    return done / seconds if done and seconds > 0 else float("nan")
+
+
+def _cached_paths(output: Path, dataset: Dataset) -> set[str]:
+    """The images of ``dataset`` that the cache ``output`` already holds (none when it is unreadable)."""
+    from featcache.cache import read_cache
+
+    if not output.is_file():
+        return set()
+    try:
+        paths = set(read_cache(output).paths)
+    except FeatcacheError:
+        return set()
+    return paths & {f.relpath for f in dataset.files}
+
+
+def _default_workdir(root: Path) -> Path:
+    resolved = str(root.resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return user_cache_dir() / "choose" / f"{_safe(root.resolve().name)}-{digest}"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-@" else "_" for c in name)
