@@ -116,7 +116,9 @@ def test_fits_that_did_not_converge_are_counted_and_shown(tmp_path, monkeypatch)
         clf = LogisticRegression(max_iter=1, random_state=seed)
         return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
-    stopped = dataclasses.replace(featcache.models.FAMILIES["logreg"], build=one_iteration)
+    stopped = dataclasses.replace(
+        featcache.models.FAMILIES["logreg"], build=one_iteration, grid={"clf__C": [0.01, 0.1]}
+    )
     monkeypatch.setitem(featcache.models.FAMILIES, "logreg", stopped)
     cache = synthetic_cache(tmp_path / "f.h5", separation=0.5)
     report = fit(cache, model="logreg", cv=3, output=tmp_path / "m").report

@@ -323,3 +323,20 @@ def test_extract_can_take_some_files_only(tmp_path, dataset):
     assert result.n_images == 2 and read_cache(tmp_path / "f.h5").paths == files
     with pytest.raises(FeatcacheError, match="not images under"):
         extract(dataset, tmp_path / "g.h5", backbone="efficientnet_lite0", files=["cat/nope.jpg"])
+
+
+def test_a_multi_layer_model_predicts_what_its_cache_says(tmp_path, dataset):
+    from featcache.fit import fit
+    from featcache.predictor import Predictor
+
+    cache_path = tmp_path / "f.h5"
+    extract(dataset, cache_path, backbone="efficientnet_lite0", layers="multi")
+    fitted = fit(cache_path, model="logreg", cv=3, output=tmp_path / "m")
+    cache = read_cache(cache_path)
+    predictor = Predictor.load(fitted.model_path)
+    assert predictor.identity.layers == "4,5,6,last" and predictor.backbone.engine == "openvino"
+    files = [dataset / p for p in cache.paths]
+    np.testing.assert_allclose(predictor.embed(files), cache.features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predictor.predict_proba(files), predictor.bundle.predict_proba(cache.features), atol=1e-5
+    )

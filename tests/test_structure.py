@@ -87,6 +87,9 @@ TORCH_FREE = [
     "featcache.cli",
     "featcache.embedding",
     "featcache.distributed",
+    "featcache.backbones.timm_any",
+    "featcache.extract",
+    "featcache.choose",
 ]
 
 
