@@ -1,5 +1,5 @@
 """Time `featcache fit --model all --cv 5` on features of the course's size: 2,600 x 1,280, 26 classes,
-and 2,600 x 1,904 (the size of efficientnet_lite0's ``--layers multi`` features).
+and 2,600 x 2,024 (the size of efficientnet_lite0's ``--layers multi`` features).
 
 The features are synthetic (26 Gaussian clusters, non-negative like pooled ReLU features), so
 the figure is about speed, not accuracy. The spec's bar is 30 s for all three families on a
@@ -7,7 +7,7 @@ the figure is about speed, not accuracy. The spec's bar is 30 s for all three fa
 same run (these machines are noisy). Classes are the course's 26 folders with the garbage26
 label map, so ``--output DIR`` keeps a confusion matrix that looks like the course's.
 
-    python bench/fit.py [--output DIR] [--dims 1280,1904]
+    python bench/fit.py [--output DIR] [--dims 1280,2024]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, help="keep the model, report and confusion matrix here")
-    parser.add_argument("--dims", default="1280,1904", help="feature sizes to time, comma-separated")
+    parser.add_argument("--dims", default="1280,2024", help="feature sizes to time, comma-separated")
     args = parser.parse_args()
     print(cpu_line(), flush=True)
     for d in map(int, args.dims.split(",")):

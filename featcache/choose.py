@@ -20,7 +20,7 @@ import numpy as np
 
 from featcache.backbones.identity import LAST, MULTI, BackboneIdentity
 from featcache.dataset import Dataset, scan
-from featcache.errors import FeatcacheError
+from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.extract import Progress, extract
 from featcache.files import user_cache_dir
 
@@ -154,10 +154,12 @@ def choose(
             if on_progress:
                 on_progress(candidate, progress)
 
-        result = extract(
-            data_dir, output, backbone=candidate.backbone, layers=candidate.layers, files=keep,
-            batch_size=batch_size, device=device, engine=engine, on_progress=report,
-        )  # fmt: skip
+        settings = dict(backbone=candidate.backbone, layers=candidate.layers, batch_size=batch_size,
+                        device=device, engine=engine, on_progress=report)  # fmt: skip
+        try:
+            result = extract(data_dir, output, files=keep, **settings)
+        except CacheMismatchError:  # made with other settings (another release's multi, other weights)
+            result = extract(data_dir, output, files=files, overwrite=True, **settings)
         cache = read_cache(output)
         X, y = cache.labelled(files)
         counts = np.unique(y, return_counts=True)[1]

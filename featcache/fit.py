@@ -72,6 +72,7 @@ def fit(
     """
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import ParameterGrid, StratifiedKFold
+    from threadpoolctl import threadpool_limits
 
     from featcache.models import FAMILIES, linear_head
 
@@ -103,7 +104,7 @@ def fit(
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
     final = FAMILIES[chosen].build_final(seed, results[chosen]["best_params"])
-    with _convergence_warnings() as unconverged:
+    with _convergence_warnings() as unconverged, threadpool_limits(FAMILIES[chosen].blas_threads, "blas"):
         final.fit(X, y)
     pred = oof[chosen]
     report = {
@@ -152,6 +153,7 @@ def cross_validate_family(
     and the best setting's out-of-fold predictions."""
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import ParameterGrid, cross_validate
+    from threadpoolctl import threadpool_limits
 
     from featcache.models import FAMILIES
 
@@ -160,7 +162,7 @@ def cross_validate_family(
     grid = []
     for params in ParameterGrid(family.grid):
         pipe = family.build(seed).set_params(**params)
-        with _convergence_warnings() as unconverged:
+        with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
             cvr = cross_validate(pipe, X, y, cv=folds, return_estimator=True, return_indices=True)
         pred = np.empty(len(y), dtype=y.dtype)
         for est, test in zip(cvr["estimator"], cvr["indices"]["test"], strict=True):

@@ -40,12 +40,12 @@ def run(*args: str) -> int:
 def test_layers_are_resolved_to_one_canonical_form():
     lite0 = get_entry("efficientnet_lite0")
     assert lite0.resolve_layers("last") == "last"
-    assert lite0.resolve_layers("multi") == lite0.multi == "4,5,6,last"
+    assert lite0.resolve_layers("multi") == lite0.multi == "2,3,4,5,6,last"
     assert lite0.resolve_layers(" 6, last ,4") == "4,6,last"
     assert lite0.resolve_layers("2") == "2"
     assert lite0.pooled_dim("avg", "4,5,6,last") == 112 + 192 + 320 + 1280
     assert lite0.pooled_dim("avgmax", "4,last") == 2 * (112 + 1280)
-    assert get_entry("efficientnet_lite2").pooled_dim("avg", "multi") == 120 + 208 + 352 + 1280
+    assert get_entry("efficientnet_lite2").pooled_dim("avg", "multi") == 48 + 88 + 120 + 208 + 352 + 1280
 
 
 BAD_SPECS = [("7", "'7' is not a layer"), ("4,4,last", "listed twice"), ("", "'' is not a layer"),
@@ -98,13 +98,15 @@ def test_multi_features_are_the_separately_pooled_stages(lite0_plain, photo, rng
     model = lite0_plain.model
     with torch.no_grad():
         x = normalize(pixels, lite0_plain.preprocessing)
-        parts = _stages_by_hand(model, x, (4, 5, 6)) + [model.forward_features(x).mean(dim=(2, 3))]
+        parts = _stages_by_hand(model, x, (2, 3, 4, 5, 6)) + [model.forward_features(x).mean(dim=(2, 3))]
     expected = torch.cat(parts, dim=1).numpy()
     np.testing.assert_array_equal(lite0_plain.embed(pixels), expected)  # same network: same numbers
     net = build_backbone("efficientnet_lite0", layers="multi", engine=engine)
-    assert net.engine == engine and net.identity.layers == "4,5,6,last" and net.identity.feature_dim == 1904
+    assert (
+        net.engine == engine and net.identity.layers == "2,3,4,5,6,last" and net.identity.feature_dim == 2024
+    )
     got = net.embed(pixels)
-    assert got.shape == (2, 1904)
+    assert got.shape == (2, 2024)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)  # BatchNorm folded: float rounding
 
 
@@ -120,7 +122,7 @@ def test_each_layer_is_pooled_as_asked(lite0_plain, photo):
     np.testing.assert_array_equal(both.embed(pixels), expected)
     assert both.identity.feature_dim == 2 * (192 + 1280)
     avg = lite0_plain.embed(pixels)
-    np.testing.assert_allclose(expected[:, :192], avg[:, 112:304], rtol=1e-6)
+    np.testing.assert_allclose(expected[:, :192], avg[:, 232:424], rtol=1e-6)  # after stages 2, 3, 4
 
 
 def test_mobilenet_stages_are_the_papers(photo):
@@ -136,14 +138,14 @@ def test_mobilenet_stages_are_the_papers(photo):
 def test_a_cache_never_mixes_layers(tmp_path, dataset):
     out = tmp_path / "f.h5"
     extract(dataset, out, backbone="efficientnet_lite0", engine="torch")
-    with pytest.raises(CacheMismatchError, match="layers: last vs 4,5,6,last"):
+    with pytest.raises(CacheMismatchError, match="layers: last vs 2,3,4,5,6,last"):
         extract(dataset, out, layers="multi", engine="torch")
     result = extract(
         dataset, out, backbone="efficientnet_lite0", layers="multi", engine="torch", overwrite=True
     )
-    assert result.identity.layers == "4,5,6,last" and read_cache(out).features.shape[1] == 1904
+    assert result.identity.layers == "2,3,4,5,6,last" and read_cache(out).features.shape[1] == 2024
     again = extract(dataset, out, engine="torch")  # the recorded layers, not the default
-    assert again.n_computed == 0 and again.identity.layers == "4,5,6,last"
+    assert again.n_computed == 0 and again.identity.layers == "2,3,4,5,6,last"
 
 
 def test_info_and_backbones_show_the_layers(tmp_path, dataset, capsys):
@@ -156,7 +158,7 @@ def test_info_and_backbones_show_the_layers(tmp_path, dataset, capsys):
     assert run("backbones", "--layers", "efficientnet_lite0") == 0
     listing = capsys.readouterr().out
     assert "      4  blocks.4            112  14x14" in listing
-    assert "multi = 4,5,6,last: 1904 channels" in listing
+    assert "multi = 2,3,4,5,6,last: 2024 channels" in listing
 
 
 def test_a_bad_layers_flag_is_one_line(tmp_path, dataset, capsys):
@@ -254,7 +256,7 @@ def test_timm_weights_are_found_in_the_hugging_face_cache(tiny_timm, tmp_path, m
     np.testing.assert_allclose(net.embed(load_pixels(photo, net.preprocessing)[None]), expected, rtol=1e-5)
 
 
-def test_missing_timm_weights_say_what_to_place_where(tmp_path, monkeypatch, dataset, capsys):
+def test_missing_timm_weights_say_what_to_place_where(tiny_timm, tmp_path, monkeypatch, dataset, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(WeightsUnavailableError) as e:
@@ -265,6 +267,10 @@ def test_missing_timm_weights_say_what_to_place_where(tmp_path, monkeypatch, dat
     assert run("extract", str(dataset), "-o", str(tmp_path / "f.h5"), "--backbone", f"timm:{TINY_TIMM}") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "--weights PATH" in err
+    placed = tmp_path / "torch" / "hub" / "checkpoints" / f"timm-{TINY_TIMM}.safetensors"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(tiny_timm[1].read_bytes())  # where the error said
+    assert build_backbone(f"timm:{TINY_TIMM}", engine="torch").identity.weights == "r160_in1k"
 
 
 def test_an_unknown_timm_model_is_one_clear_error():
@@ -291,7 +297,7 @@ def test_choose_ranks_by_cv_and_prints_a_command_that_runs(tmp_path, capsys, mon
     assert [str(s.candidate) for s in result.scored] != [] and result.n_images == 24
     means = [s.cv_accuracy_mean for s in result.scored]
     assert result.best.cv_accuracy_mean == max(means) and means == sorted(means, reverse=True)
-    assert {s.layers for s in result.scored} == {"last", "0", "4,5,6,last"}
+    assert {s.layers for s in result.scored} == {"last", "0", "2,3,4,5,6,last"}
     assert all(s.n_computed == 24 and s.images_per_second > 0 for s in result.scored)
     again = choose(data, candidates, per_class=10, cv=3, workdir=work, engine="torch")
     assert all(s.n_computed == 6 for s in again.scored)  # only the 2 new images per class
@@ -334,7 +340,7 @@ def test_a_multi_layer_model_predicts_what_its_cache_says(tmp_path, dataset):
     fitted = fit(cache_path, model="logreg", cv=3, output=tmp_path / "m")
     cache = read_cache(cache_path)
     predictor = Predictor.load(fitted.model_path)
-    assert predictor.identity.layers == "4,5,6,last" and predictor.backbone.engine == "openvino"
+    assert predictor.identity.layers == "2,3,4,5,6,last" and predictor.backbone.engine == "openvino"
     files = [dataset / p for p in cache.paths]
     np.testing.assert_allclose(predictor.embed(files), cache.features, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(

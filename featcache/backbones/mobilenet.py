@@ -43,6 +43,6 @@ register(
         features=lambda model, x: model.features(x),
         head=lambda model: model.classifier,
         stages=tuple(Stage(f"features.{end}", c, r) for end, c, r in _STAGES),
-        multi=f"4,5,6,{LAST}",  # EfficientNet-Lite's measured preset: the same stage layout
+        multi=f"2,3,4,5,6,{LAST}",  # EfficientNet-Lite's measured preset: the same stage layout
     )
 )

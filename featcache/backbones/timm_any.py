@@ -44,12 +44,12 @@ def _in_hf_cache(repo: str) -> Callable[[], Path | None]:
 
 def _from_hf(repo: str) -> Callable[[], Path]:
     def fetch() -> Path:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub import errors, hf_hub_download
 
+        missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
         try:
             return Path(hf_hub_download(repo, _HF_FILES[0]))
-        except EntryNotFoundError:
+        except missing:  # the Hub answered: this repository has the older format only
             return Path(hf_hub_download(repo, _HF_FILES[1]))
 
     return fetch
