@@ -733,6 +733,34 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     )
 
 
+@cli.command()
+@click.option(
+    "--model-path",
+    default="models/best.joblib",
+    show_default=True,
+    help="Model file (or the folder fit wrote).",
+)
+@click.option("-o", "--output", default="model.onnx", show_default=True, help="ONNX file to write.")
+def export(model_path: str, output: str) -> None:
+    """Write the model and its backbone to one self-contained ONNX file.
+
+    Input: an N x H x W x 3 uint8 RGB batch at the model's input size; output: the class
+    probabilities. Class names, categories, preprocessing and the CV report are in the file's
+    metadata. The file is checked against 'featcache predict' before it is kept.
+    """
+    from featcache.export import OPSET
+    from featcache.export import export as run_export
+
+    result = run_export(model_path, output)
+    meta = result.path.stat().st_size / 1024 / 1024
+    click.echo(f"{result.path}: {meta:.1f} MiB, ONNX opset {OPSET}; input 'pixels' (N x H x W x 3 uint8), "
+               "output 'probabilities'; classes and preprocessing in its metadata")  # fmt: skip
+    click.echo(
+        f"checked against featcache predict on {result.n_checked} images: largest probability difference "
+        f"{result.max_difference:.1e}, same label for {100 * result.same_label:.0f} %"
+    )
+
+
 def _echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
     if as_json:
         click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))

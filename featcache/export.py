@@ -1,0 +1,167 @@
+"""``export``: a fitted model and its backbone as one self-contained ONNX file.
+
+The graph takes what :func:`featcache.images.load_pixels` produces (an N×H×W×3 uint8 batch at the
+model's input size) and returns the class probabilities: normalisation, the backbone with its
+layers and pooling, the rounding of the features through the cache's dtype, the linear head with
+its scaler folded in, and the softmax. Everything else a user needs (class folders, display
+names, categories, preprocessing, the CV report) is in the file's metadata, so the file alone is
+enough for ONNX Runtime. The export is checked against ``featcache predict`` before it is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featcache._version import __version__
+from featcache.bundle import DEFAULT_MODEL, ModelBundle, load_bundle
+from featcache.errors import FeatcacheError
+from featcache.files import replaced_atomically, writable_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+INPUT = "pixels"
+OUTPUT = "probabilities"
+MAX_DIFFERENCE = 1e-4
+"""The largest difference allowed between the file's probabilities and ``featcache predict``'s (fp32)."""
+OPSET = 17
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and how closely it agrees with ``featcache predict``: the largest
+    absolute difference of any probability over ``n_checked`` images, and the share of them whose
+    best class agrees."""
+
+    path: Path
+    max_difference: float
+    n_checked: int
+    same_label: float
+    size_bytes: int
+
+
+def metadata(bundle: ModelBundle) -> dict[str, str]:
+    """The ONNX metadata of an exported ``bundle``: JSON strings under ``featcache.*`` keys."""
+    report = bundle.report or {}
+    families = {
+        name: {
+            k: r.get(k) for k in ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "best_params")
+        }
+        for name, r in report.get("families", {}).items()
+    }
+    card = {"family": bundle.family, "best": report.get("best"), "cv": report.get("cv"),
+            "n_images": report.get("n_images"), "families": families, "created": bundle.created}  # fmt: skip
+    values = {
+        "folders": bundle.folders,
+        "names": bundle.names,
+        "categories": [bundle.label_map.category(f) for f in bundle.folders],
+        "preprocessing": bundle.identity.preprocessing.to_dict(),
+        "identity": bundle.identity.to_dict(),
+        "feature_dtype": bundle.feature_dtype,
+        "report": card,
+        "input": f"{INPUT}: N x H x W x 3 uint8 RGB at the preprocessing size",
+        "version": __version__,
+    }
+    return {f"featcache.{k}": json.dumps(v, default=str) for k, v in values.items()}
+
+
+def export(
+    model_path: str | os.PathLike = DEFAULT_MODEL,
+    output: str | os.PathLike = "model.onnx",
+    check_pixels: np.ndarray | None = None,
+) -> ExportResult:
+    """Write the model at ``model_path`` (with its backbone) to the ONNX file ``output``.
+
+    The file is kept only if ONNX Runtime gives the probabilities of ``featcache predict`` on
+    ``check_pixels`` (default: the demo images that ship with featcache, at the model's input
+    size) within :data:`MAX_DIFFERENCE` (fp32 models; bf16 ones are exported in fp32 and checked
+    against an fp32 predictor). Raises :class:`FeatcacheError` when the model has no linear head
+    or the file does not agree.
+    """
+    import onnx
+    import onnxruntime
+    import torch
+
+    from featcache.backbones.build import build_backbone
+    from featcache.predictor import Predictor
+
+    bundle = load_bundle(model_path)
+    if bundle.head is None:
+        raise FeatcacheError(
+            f"{model_path}: its pipeline did not reduce to scaling and a linear map when it was fit, "
+            "so it cannot be exported; refit it with this featcache"
+        )
+    output = writable_file(output)
+    fp32 = dataclasses.replace(bundle, identity=dataclasses.replace(bundle.identity, precision="fp32"))
+    net = build_backbone(fp32.identity, device="cpu", engine="torch", traced=False)
+    module = _classifier(net, bundle).eval()
+    size = bundle.identity.preprocessing.size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    with replaced_atomically(output) as tmp:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # the exporter's tracing notices
+            torch.onnx.export(
+                module, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET, dynamo=False,
+            )  # fmt: skip
+        model = onnx.load(str(tmp))
+        model.doc_string = f"featcache {bundle.family} classifier of {len(bundle.folders)} classes"
+        for key, value in metadata(bundle).items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
+        pixels = _check_pixels(bundle) if check_pixels is None else check_pixels
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run([OUTPUT], {INPUT: pixels})[0]
+        expected = Predictor(fp32, device="cpu").predict_proba(list(pixels))
+        difference = float(np.abs(got - expected).max())
+        same = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
+        if not difference <= MAX_DIFFERENCE:
+            raise FeatcacheError(
+                f"the exported model's probabilities differ from featcache predict's by {difference:.2g} "
+                f"(allowed: {MAX_DIFFERENCE:g}); nothing was written"
+            )
+    return ExportResult(output, difference, len(pixels), same, output.stat().st_size)
+
+
+def _check_pixels(bundle: ModelBundle) -> np.ndarray:
+    """The test images of the demo dataset, two of each class, at ``bundle``'s input size."""
+    from featcache.demo import DATA
+    from featcache.images import load_pixels
+
+    files = [f for folder in sorted((DATA / "test").iterdir()) for f in sorted(folder.iterdir())[:2]]
+    return np.stack([load_pixels(f, bundle.identity.preprocessing) for f in files])
+
+
+def _classifier(net: nn.Module, bundle: ModelBundle) -> nn.Module:
+    """uint8 pixels → probabilities: the network and the head of ``bundle`` as one torch module."""
+    import torch
+    from torch import nn
+
+    prep, head = bundle.identity.preprocessing, bundle.head
+    float16 = bundle.feature_dtype == "float16"
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("coef", torch.tensor(head.coef.T * head.beta, dtype=torch.float32))
+            self.register_buffer("intercept", torch.tensor(head.intercept * head.beta, dtype=torch.float32))
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            x = pixels.permute(0, 3, 1, 2).float() / 255.0
+            features = self.net((x - self.mean) / self.std)
+            if float16:  # the model was fit on features stored as float16
+                features = features.half().float()
+            return (features @ self.coef + self.intercept).softmax(dim=1)
+
+    return Classifier()
