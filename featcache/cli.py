@@ -761,6 +761,58 @@ def export(model_path: str, output: str) -> None:
     )
 
 
+@cli.command()
+@click.option(
+    "--model-path",
+    default="models/best.joblib",
+    show_default=True,
+    help="Model file (or the folder fit wrote).",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one)."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--token",
+    envvar="FEATCACHE_TOKEN",
+    default=None,
+    help="Require 'Authorization: Bearer TOKEN' on every route but /health and the page "
+    "(default: $FEATCACHE_TOKEN; none when unset).",
+)
+@click.option(
+    "--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+    help="Largest request body accepted.",
+)  # fmt: skip
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+    help="Images that arrive together and share one pass through the network (1: no batching).",
+)  # fmt: skip
+@_device_option("Where the backbone runs.")
+@_engine_option("What runs the backbone.")
+def serve(
+    model_path: str, host: str, port: int, token: str | None, max_upload_mb: float, max_batch: int,
+    device: str, engine: str,
+) -> None:  # fmt: skip
+    """Serve the model over HTTP: a web page at /, POST /predict, GET /model, GET /health, docs at /docs.
+
+    Listens on 127.0.0.1 unless --host says otherwise. Ctrl-C stops it.
+    """
+    import uvicorn
+
+    from featcache.serve import ServeSettings, create_app
+
+    settings = ServeSettings(model_path, token=token, max_upload_mb=max_upload_mb, max_batch=max_batch,
+                             engine=engine, device=device)  # fmt: skip
+    app = create_app(settings)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    click.echo(
+        f"serving {model_path} on http://{shown}:{port}/ (API: POST /predict, GET /model, GET /health; "
+        f"docs: /docs){'; token required' if token else ''}. Ctrl-C stops.",
+        err=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
     if as_json:
         click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))

@@ -5,6 +5,7 @@ Extract and predict both call :func:`load_pixels`, so they cannot preprocess dif
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -23,7 +24,7 @@ from featcache.errors import ImageError
 if TYPE_CHECKING:
     import torch
 
-ImageSource = str | os.PathLike | Image.Image | np.ndarray
+ImageSource = str | os.PathLike | Image.Image | np.ndarray | bytes
 
 #: Largest image (in pixels) that is decoded; bigger ones are refused as possible decompression bombs.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -36,8 +37,9 @@ _WHITE = (255, 255, 255, 255)
 def load_image(source: ImageSource, draft: int | None = None) -> Image.Image:
     """Return ``source`` as an RGB PIL image with its EXIF orientation applied.
 
-    ``source`` is a file path (the format is decided by content, not extension), a PIL image,
-    or a NumPy uint8 array of shape H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA). With ``draft``, a
+    ``source`` is a file path (the format is decided by content, not extension), the bytes of
+    an image file, a PIL image, or a NumPy uint8 array of shape H×W, H×W×1, H×W×3 (RGB) or
+    H×W×4 (RGBA). With ``draft``, a
     JPEG file is decoded at 1/2, 1/4 or 1/8 of its size (in the DCT domain, much faster) when
     both sides stay at least ``draft`` pixels. Raises :class:`ImageError` when it cannot be decoded.
     """
@@ -48,7 +50,13 @@ def load_image(source: ImageSource, draft: int | None = None) -> Image.Image:
         return to_rgb(_orient(source))
     if isinstance(source, (str, os.PathLike)):
         return to_rgb(_orient(_open(Path(source), draft)))
-    raise TypeError(f"expected a path, a PIL image or a NumPy uint8 array, got {type(source).__name__}")
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty (0 bytes)", "upload")
+        return to_rgb(_orient(_open(io.BytesIO(source), draft)))
+    raise TypeError(
+        f"expected a path, image file bytes, a PIL image or a NumPy uint8 array, got {type(source).__name__}"
+    )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -142,9 +150,9 @@ def normalize(batch: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Te
 NOT_A_FILE = "not a regular file (a pipe, socket or device)"
 
 
-def _open(path: Path, draft: int | None = None) -> Image.Image:
+def _open(path: Path | io.BytesIO, draft: int | None = None) -> Image.Image:
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path).st_mode if isinstance(path, Path) else None
     except OSError:
         mode = None  # Image.open below says why
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

@@ -126,6 +126,23 @@ class Predictor:
         names = [self.names[i] for i in proba.argmax(axis=1)]
         return names[0] if single else names
 
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """N×H×W×3 uint8 pixels (from :func:`featcache.images.load_pixels`) → N×K class probabilities."""
+        return self.bundle.predict_proba(self._features(pixels))
+
+    def prediction(self, path: str, proba: np.ndarray, top_k: int = 1) -> Prediction:
+        """The :class:`Prediction` named ``path`` for one row of class probabilities."""
+        order = np.argsort(-proba, kind="stable")[:top_k]
+        best = self.folders[order[0]]
+        return Prediction(
+            path=path,
+            label=self.names[order[0]],
+            folder=best,
+            probability=float(proba[order[0]]),
+            top_k=[(self.names[i], float(proba[i])) for i in order],
+            category=self.label_map.category(best),
+        )
+
     def predict_files(self, paths: Sequence[str | os.PathLike], top_k: int = 1) -> Iterator[Prediction]:
         """Predict files and folders (recursively, in a stable order), one :class:`Prediction` per image.
 
@@ -148,25 +165,13 @@ class Predictor:
                 if isinstance(px, str):
                     results[i] = Prediction(inputs[i][0], error=px)
             if good:
-                proba = self.bundle.predict_proba(self._features(np.stack([px for _, px in good])))
+                proba = self.predict_pixels(np.stack([px for _, px in good]))
                 for row, (i, _) in zip(proba, good, strict=True):
-                    results[i] = self._prediction(inputs[i][0], row, top_k)
+                    results[i] = self.prediction(inputs[i][0], row, top_k)
             while done < len(results) and results[done] is not None:
                 yield results[done]
                 done += 1
         yield from results[done:]
-
-    def _prediction(self, path: str, proba: np.ndarray, top_k: int) -> Prediction:
-        order = np.argsort(-proba, kind="stable")[:top_k]
-        best = self.folders[order[0]]
-        return Prediction(
-            path=path,
-            label=self.names[order[0]],
-            folder=best,
-            probability=float(proba[order[0]]),
-            top_k=[(self.names[i], float(proba[i])) for i in order],
-            category=self.label_map.category(best),
-        )
 
 
 def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str, str | None]]:
