@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -17,7 +18,9 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,3 +369,48 @@ def tampered_models(
     shutil.copyfile(manifest_path(other), manifest_path(twin))
     out["another backbone's valid bundle with its manifest"] = twin
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(model_path: str | os.PathLike, *args: str, ready_within: float = 120) -> Iterator[str]:
+    """Run ``featcache serve`` on 127.0.0.1 and a free port until the block ends; yield its base URL
+    once ``/health`` says ready (or fail after ``ready_within`` seconds, showing its output)."""
+    import httpx
+
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = start_featcache(["serve", "--model-path", model_path, "--port", str(port), *args],
+                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise AssertionError(
+                    f"featcache serve did not get ready:\n{log.read().decode(errors='replace')}"
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=5).json().get("status") == "ready":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+        log.close()
