@@ -18,6 +18,7 @@ import click
 from featcache import choices
 from featcache._version import __version__
 
+DEFAULT_MODEL = "models/best.joblib"  # featcache.bundle.DEFAULT_MODEL, without importing joblib for --help
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -45,6 +46,10 @@ def _batch_size_option(help_text: str):
 
 def _auto_option(flag: str, values: tuple[str, ...], help_text: str):
     return click.option(flag, type=click.Choice(values), default="auto", show_default=True, help=help_text)
+
+
+def _model_path_option(help_text: str):
+    return click.option("--model-path", default=DEFAULT_MODEL, show_default=True, help=help_text)
 
 
 def _device_option(help_text: str):
@@ -512,12 +517,7 @@ def _echo_fit(result, per_class: bool = True) -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option(
-    "--model-path",
-    default="models/best.joblib",
-    show_default=True,
-    help="Model bundle to score, or the folder 'fit -o' wrote.",
-)
+@_model_path_option("Model bundle to score, or the folder 'fit -o' wrote.")
 @_batch_size_option("Images per forward pass (image folders only).")
 @_device_option("Where the backbone runs (image folders only).")
 @_engine_option("What runs the backbone (image folders only).")
@@ -548,12 +548,7 @@ def _echo_evaluation(source: str, ev) -> None:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option(
-    "--model-path",
-    default="models/best.joblib",
-    show_default=True,
-    help="Model bundle to use, or the folder 'fit -o' wrote.",
-)
+@_model_path_option("Model bundle to use, or the folder 'fit -o' wrote.")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
 @_batch_size_option("Images per forward pass.")
@@ -734,12 +729,7 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option(
-    "--model-path",
-    default="models/best.joblib",
-    show_default=True,
-    help="Model file (or the folder fit wrote).",
-)
+@_model_path_option("Model bundle to export, or the folder 'fit -o' wrote.")
 @click.option("-o", "--output", default="model.onnx", show_default=True, help="ONNX file to write.")
 def export(model_path: str, output: str) -> None:
     """Write the model and its backbone to one self-contained ONNX file.
@@ -762,16 +752,13 @@ def export(model_path: str, output: str) -> None:
 
 
 @cli.command()
-@click.option(
-    "--model-path",
-    default="models/best.joblib",
-    show_default=True,
-    help="Model file (or the folder fit wrote).",
-)
+@_model_path_option("Model bundle to serve, or the folder 'fit -o' wrote.")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one)."
 )
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on."
+)
 @click.option(
     "--token",
     envvar="FEATCACHE_TOKEN",

@@ -129,7 +129,7 @@ def test_a_server_without_a_token_and_a_model_that_is_not_one(model, tmp_path):
     (tmp_path / "fake.joblib").write_bytes(b"not a model")
     from support import run_featcache
 
-    run = run_featcache(["serve", "--model-path", tmp_path / "fake.joblib", "--port", "0"], timeout=120)
+    run = run_featcache(["serve", "--model-path", tmp_path / "fake.joblib", "--port", "8999"], timeout=120)
     assert run.returncode == 1 and run.stderr.strip().startswith("error: ")
 
 
