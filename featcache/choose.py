@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.identity import LAST, MULTI, BackboneIdentity
+from featcache.backbones.registry import get_entry
 from featcache.dataset import Dataset, scan
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.extract import Progress, extract
@@ -139,6 +140,11 @@ def choose(
         raise FeatcacheError(
             "no candidates: no backbone's weights are installed here; name some with candidates"
         )
+    for candidate in wanted:  # a mistyped candidate fails before any work
+        try:
+            get_entry(candidate.backbone).resolve_layers(candidate.layers)
+        except ValueError as e:
+            raise FeatcacheError(f"candidate {candidate}: {e}") from None
     dataset = scan(data_dir)
     files = sample(dataset, per_class, seed)
     classes = {f.split("/", 1)[0] for f in files}

@@ -68,6 +68,10 @@ def test_a_read_only_folder_is_refused_up_front(tmp_path):
         (["evaluate", "missing_dir"], "missing_dir: no such feature cache or image folder"),
         (["plot", "missing.h5"], "missing.h5: no such feature cache"),
         (["predict", "x.png", "--model-path", "missing"], "missing: no such model"),
+        (["export", "--model-path", "missing"], "missing: no such model"),
+        (["serve", "--model-path", "missing"], "missing: no such model"),
+        (["choose", "missing_dir"], "missing_dir: no such folder"),
+        (["choose", ".", "--only", "--candidate", "no_such_net"], "unknown backbone 'no_such_net'"),
     ],
 )
 def test_a_missing_input_is_one_error_line_for_every_command(tmp_path, args, fragment):
