@@ -786,8 +786,9 @@ def serve(
     """
     import uvicorn
 
-    from featcache.serve import ServeSettings, create_app
+    from featcache.serve import ServeSettings, check_address, create_app
 
+    check_address(host, port)
     settings = ServeSettings(model_path, token=token, max_upload_mb=max_upload_mb, max_batch=max_batch,
                              engine=engine, device=device)  # fmt: skip
     app = create_app(settings)

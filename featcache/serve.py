@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -164,6 +165,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return resources.files("featcache").joinpath("serve_page.html").read_text(encoding="utf-8")
 
     return app
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise :class:`FeatcacheError` when ``host:port`` cannot be listened on (in use, not this
+    machine's address), before any work."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise FeatcacheError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (choose another port)"
+        ) from None
 
 
 def model_card(bundle: ModelBundle) -> dict[str, Any]:

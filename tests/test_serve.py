@@ -175,3 +175,20 @@ def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path)
         assert "efficientnet_lite0" in driver.find_element(By.ID, "card").text
     finally:
         driver.quit()
+
+
+def test_a_port_in_use_is_one_error_line(model):
+    import socket
+
+    from support import run_featcache
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = run_featcache(["serve", "--model-path", model[1], "--port", str(port)], timeout=120)
+    assert run.returncode == 1
+    assert (
+        run.stderr.strip()
+        == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (choose another port)"
+    )
