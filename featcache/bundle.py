@@ -104,6 +104,36 @@ class ModelBundle:
             self._pipeline = pipeline
         return self._pipeline
 
+    def card(self) -> dict[str, Any]:
+        """The model card, plain JSON data: classes, backbone, the CV accuracy of the model and of
+        every family cross-validated beside it, when and by which featcache it was fit."""
+        report = self.report or {}
+        families = {
+            name: {
+                k: r.get(k)
+                for k in ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "best_params")
+            }
+            for name, r in report.get("families", {}).items()
+        }
+        best = families.get(report.get("best"), {})
+        ident = self.identity
+        return {
+            "family": self.family,
+            "best": report.get("best"),
+            "classes": [{"folder": f, "name": name, "category": self.label_map.category(f)}
+                        for f, name in zip(self.folders, self.names, strict=True)],
+            "backbone": {"name": ident.backbone, "weights": ident.weights, "layers": ident.layers,
+                         "pool": ident.pool, "feature_dim": ident.feature_dim, "precision": ident.precision,
+                         "input_size": ident.preprocessing.size},
+            "cv_accuracy": best.get("cv_accuracy_mean"),
+            "cv_accuracy_std": best.get("cv_accuracy_std"),
+            "cv_folds": report.get("cv"),
+            "n_images": report.get("n_images"),
+            "families": families,
+            "fit_at": self.created,
+            "featcache_version": self.featcache_version,
+        }  # fmt: skip
+
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """N×D features → N×K class probabilities (float64), columns in the order of ``folders``."""
         if self.head is not None:

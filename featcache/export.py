@@ -50,15 +50,6 @@ class ExportResult:
 
 def metadata(bundle: ModelBundle) -> dict[str, str]:
     """The ONNX metadata of an exported ``bundle``: JSON strings under ``featcache.*`` keys."""
-    report = bundle.report or {}
-    families = {
-        name: {
-            k: r.get(k) for k in ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "best_params")
-        }
-        for name, r in report.get("families", {}).items()
-    }
-    card = {"family": bundle.family, "best": report.get("best"), "cv": report.get("cv"),
-            "n_images": report.get("n_images"), "families": families, "created": bundle.created}  # fmt: skip
     values = {
         "folders": bundle.folders,
         "names": bundle.names,
@@ -66,7 +57,7 @@ def metadata(bundle: ModelBundle) -> dict[str, str]:
         "preprocessing": bundle.identity.preprocessing.to_dict(),
         "identity": bundle.identity.to_dict(),
         "feature_dtype": bundle.feature_dtype,
-        "report": card,
+        "report": bundle.card(),
         "input": f"{INPUT}: N x H x W x 3 uint8 RGB at the preprocessing size",
         "version": __version__,
     }

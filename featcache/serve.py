@@ -119,7 +119,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/model", summary="The model card: classes, backbone, CV accuracy, when it was fit")
     async def model() -> dict[str, Any]:
-        return model_card(state.bundle)
+        return state.bundle.card()
 
     @app.post(
         "/predict",
@@ -181,35 +181,6 @@ def check_address(host: str, port: int) -> None:
         ) from None
 
 
-def model_card(bundle: ModelBundle) -> dict[str, Any]:
-    """What ``GET /model`` answers: classes, backbone, CV accuracy and when the model was fit."""
-    report = bundle.report or {}
-    best = report.get("families", {}).get(report.get("best"), {})
-    ident = bundle.identity
-    return {
-        "family": bundle.family,
-        "classes": [
-            {"folder": f, "name": bundle.label_map.display(f), "category": bundle.label_map.category(f)}
-            for f in bundle.folders
-        ],
-        "backbone": {
-            "name": ident.backbone,
-            "weights": ident.weights,
-            "layers": ident.layers,
-            "pool": ident.pool,
-            "feature_dim": ident.feature_dim,
-            "precision": ident.precision,
-            "input_size": ident.preprocessing.size,
-        },  # fmt: skip
-        "cv_accuracy": best.get("cv_accuracy_mean"),
-        "cv_accuracy_std": best.get("cv_accuracy_std"),
-        "cv_folds": report.get("cv"),
-        "n_images": report.get("n_images"),
-        "fit_at": bundle.created,
-        "featcache_version": bundle.featcache_version,
-    }
-
-
 async def _batches(state: _State, max_batch: int) -> None:
     """Run the network on what is queued: one batch at a time (the engines are not re-entrant),
     taking every request already waiting, up to ``max_batch`` images."""
@@ -261,10 +232,9 @@ class _Guard:
             if not secrets.compare_digest(given, f"Bearer {self.token}".encode()):
                 detail = {"detail": "missing or wrong token: send 'Authorization: Bearer TOKEN'"}
                 return await JSONResponse(detail, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        too_large = JSONResponse({"detail": f"the upload is over the limit of {self.max_mb:g} MB"}, 413)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         started = False
         seen = 0
 
@@ -286,4 +256,8 @@ class _Guard:
             await self.app(scope, counted, watched)
         except _TooLarge:
             if not started:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        detail = {"detail": f"the upload is over the limit of {self.max_mb:g} MB"}
+        await JSONResponse(detail, 413)(scope, receive, send)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import LAST, BackboneEntry, Preprocessing, Stage, WeightsSource
+from featcache.backbones.efficientnet_lite import MULTI as LITE_MULTI
+from featcache.backbones.identity import BackboneEntry, Preprocessing, Stage, WeightsSource
 from featcache.backbones.registry import register
 
 if TYPE_CHECKING:
@@ -43,6 +44,6 @@ register(
         features=lambda model, x: model.features(x),
         head=lambda model: model.classifier,
         stages=tuple(Stage(f"features.{end}", c, r) for end, c, r in _STAGES),
-        multi=f"2,3,4,5,6,{LAST}",  # EfficientNet-Lite's measured preset: the same stage layout
+        multi=LITE_MULTI,  # the same seven-stage layout as EfficientNet-Lite, whose preset was measured
     )
 )
