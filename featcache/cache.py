@@ -37,7 +37,8 @@ class FeatureCache:
     lists ``(path, reason)``. ``engine`` names what computed the features (``openvino``,
     ``torch``, or both, comma-separated); it is recorded, not compared, as the engines' fp32
     features are interchangeable. ``shards`` is how many shards a Dask cluster computed (0: one
-    process).
+    process). ``maps`` (float16, N×C×h×w) holds the unpooled maps of stage ``identity.maps`` when
+    the cache keeps them and they were read (``read_cache(..., maps=True)``).
     """
 
     features: np.ndarray
@@ -55,6 +56,7 @@ class FeatureCache:
     shards: int = 0
     created: str = ""
     featcache_version: str = __version__
+    maps: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,15 +66,24 @@ class FeatureCache:
         """Display names of the classes (from the label map when there is one)."""
         return [self.label_map.display(c) for c in self.folders]
 
-    def labelled(self, paths: Collection[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The float32 features of the labelled rows (of ``paths`` only, when given) and their class
-        folder names."""
+    def labelled(
+        self, paths: Collection[str] | None = None, maps: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The float32 features (with ``maps``: the float16 maps) of the labelled rows (of ``paths``
+        only, when given) and their class folder names."""
         mask = self.labels >= 0
         if paths is not None:
             wanted = set(paths)
             mask &= np.array([p in wanted for p in self.paths], dtype=bool)
         folders = np.array(self.folders, dtype=object)
-        return self.features[mask].astype(np.float32), folders[self.labels[mask]].astype(str)
+        if maps and self.maps is None:
+            raise FeatcacheError(
+                "this cache keeps no feature maps: extract with --maps STAGE"
+                if self.identity.maps is None
+                else "the cache's maps were not read (read_cache(path, maps=True))"
+            )
+        X = self.maps[mask] if maps else self.features[mask].astype(np.float32)
+        return X, folders[self.labels[mask]].astype(str)
 
     def same_content(self, other: FeatureCache) -> bool:
         """Whether ``other`` holds the same rows, files, class folders, skip records and labels (the
@@ -87,6 +98,8 @@ class FeatureCache:
             and np.array_equal(self.sizes, other.sizes)
             and np.array_equal(self.mtimes_ns, other.mtimes_ns)
             and np.array_equal(self.features, other.features)
+            and (self.maps is None) == (other.maps is None)
+            and (self.maps is None or np.array_equal(self.maps, other.maps))
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -115,6 +128,10 @@ def write_cache(
     where they are (their paths are stored relative to ``path``).
     """
     path = Path(path)
+    if cache.identity.maps is not None and (cache.maps is None or len(cache.maps) != len(cache)):
+        raise FeatcacheError("a cache whose identity keeps maps needs one row of maps per image")
+    if features_from is not None and cache.maps is not None:
+        raise FeatcacheError("a virtual cache indexes features only, not maps")
     if cache.dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {cache.dtype!r}")
     str_dt = h5py.string_dtype()
@@ -122,6 +139,9 @@ def write_cache(
         with h5py.File(tmp, "w") as f:
             if features_from is None:
                 f.create_dataset("features", data=cache.features.astype(cache.dtype, copy=False))
+                if cache.maps is not None:
+                    chunks = (1, *cache.maps.shape[1:]) if len(cache.maps) else None
+                    f.create_dataset("maps", data=cache.maps.astype(np.float16, copy=False), chunks=chunks)
             else:
                 f.create_virtual_dataset(
                     "features", _layout(features_from, path.parent, cache), fillvalue=np.nan
@@ -188,8 +208,9 @@ def _virtual_features(path: Path, dataset: h5py.Dataset) -> np.ndarray:
     return features
 
 
-def read_cache(path: str | os.PathLike) -> FeatureCache:
-    """Load a feature cache written by :func:`write_cache`; a clear error for anything else."""
+def read_cache(path: str | os.PathLike, maps: bool = False) -> FeatureCache:
+    """Load a feature cache written by :func:`write_cache`; a clear error for anything else. The
+    maps of a cache that keeps them are read only with ``maps``."""
     path = Path(path)
     if path.is_dir():
         raise FeatcacheError(f"{path}: a folder, not a featcache feature cache")
@@ -213,6 +234,8 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 )
             )
             features = f["features"]
+            identity = BackboneIdentity.from_dict(json.loads(f.attrs["identity"]))
+            kept = f["maps"][()] if maps and identity.maps is not None else None
             return FeatureCache(
                 features=_virtual_features(path, features) if features.is_virtual else features[()],
                 labels=f["labels"][()],
@@ -220,7 +243,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 sizes=f["file_size"][()],
                 mtimes_ns=f["file_mtime_ns"][()],
                 folders=[c.decode() if isinstance(c, bytes) else c for c in f["classes"][()]],
-                identity=BackboneIdentity.from_dict(json.loads(f.attrs["identity"])),
+                identity=identity,
                 label_map=LabelMap.from_dict(json.loads(f.attrs["label_map"])),
                 skipped=skipped,
                 data_root=str(f.attrs["data_root"]),
@@ -229,6 +252,7 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
                 shards=int(f.attrs.get("shards", 0)),
                 created=str(f.attrs["created"]),
                 featcache_version=str(f.attrs["featcache_version"]),
+                maps=kept,
             )
     except FeatcacheError:
         raise

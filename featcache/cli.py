@@ -7,6 +7,7 @@ scikit-learn) are imported inside the commands so that ``featcache --help`` stay
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import traceback
@@ -161,6 +162,14 @@ def _echo_layers(entry) -> None:
     "Default: the cache's, else last.",
 )
 @click.option(
+    "--maps",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="STAGE",
+    help="Also keep the unpooled maps of stage STAGE (float16), to fine-tune the network above it with "
+    "'fit --model finetune' (e.g. 4: 112x14x14 for efficientnet_lite0). Default: the cache's, else none.",
+)
+@click.option(
     "--dtype",
     type=click.Choice(choices.DTYPES),
     default=None,
@@ -217,6 +226,7 @@ def extract(
     labels: str | None,
     pool: str | None,
     layers: str | None,
+    maps: int | None,
     dtype: str | None,
     precision: str | None,
     batch_size: int,
@@ -245,6 +255,7 @@ def extract(
             weights=weights,
             pool=pool,
             layers=layers,
+            maps=maps,
             dtype=dtype,
             precision=precision,
             labels=labels,
@@ -383,6 +394,13 @@ def info(features: str, show_skipped: bool) -> None:
         f"computed in {ident.precision}"
         f"{f' on {cache.engine}' if cache.engine else ''}, stored as {cache.dtype}"
     )
+    if ident.maps is not None:
+        from featcache.backbones.registry import get_entry
+
+        shape = get_entry(ident.backbone).maps_shape(ident.maps)
+        per = math.prod(shape) * 2 / 1024
+        dims = "x".join(map(str, shape))
+        click.echo(f"  maps         stage {ident.maps}: {dims} float16, {per:.1f} KiB per image")
     crop = f" {p.crop_pct:g}" if p.crop_pct != 1 else ""
     click.echo(
         f"  preprocess   {p.size}x{p.size} {p.resize}{crop} ({p.interpolation}), mean {p.mean}, std {p.std}"
@@ -440,7 +458,8 @@ def _echo_extract(result) -> None:
     click.echo(
         f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
         f"{ident.feature_dim}-d {ident.pool}-pooled"
-        f"{'' if ident.layers == 'last' else f' layers {ident.layers}'}, "
+        f"{'' if ident.layers == 'last' else f' layers {ident.layers}'}"
+        f"{'' if ident.maps is None else f' + maps of stage {ident.maps}'}, "
         f"{ident.precision} on {result.engine}; "
         f"computed {result.n_computed}, "
         f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"

@@ -153,9 +153,10 @@ def run(
     skipped: dict[str, str] = {}
     counts = []
     for shard in shards:
-        cache = read_cache(shard.path)
+        cache = read_cache(shard.path, maps=True)
         for i, path in enumerate(cache.paths):
-            rows[path] = (int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i])
+            maps = None if cache.maps is None else cache.maps[i]
+            rows[path] = (int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i], maps)
         skipped.update(cache.skipped)
         counts.append(len(cache))
     return rows, skipped, computed, counts

@@ -14,8 +14,8 @@ from featcache.cache import FeatureCache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.images import load_batches
 
-Row = tuple[int, int, np.ndarray]
-"""One image's row: file size, modification time (ns), embedding."""
+Row = tuple[int, int, np.ndarray, np.ndarray | None]
+"""One image's row: file size, modification time (ns), embedding, float16 maps (None: not kept)."""
 
 
 def embed_files(
@@ -37,8 +37,16 @@ def _run_batch(
     skipped = {f.relpath: px for f, px in zip(batch, loaded, strict=True) if isinstance(px, str)}
     rows: dict[str, Row] = {}
     if good:
-        feats = net.embed(np.stack([px for _, px in good]))
-        rows = {f.relpath: (f.size, f.mtime_ns, feats[i]) for i, (f, _) in enumerate(good)}
+        pixels = np.stack([px for _, px in good])
+        if net.identity.maps is None:
+            feats, maps = net.embed(pixels), None
+        else:
+            feats, maps = net.embed_maps(pixels)
+            maps = maps.astype(np.float16)
+        rows = {
+            f.relpath: (f.size, f.mtime_ns, feats[i], None if maps is None else maps[i])
+            for i, (f, _) in enumerate(good)
+        }
     return rows, skipped
 
 
@@ -56,6 +64,12 @@ def assemble(
     files = [f for f in dataset.files if f.relpath in reusable or f.relpath in computed]
     rows = [computed.get(f.relpath) or reusable[f.relpath] for f in files]
     features = np.stack([r[2] for r in rows]) if rows else np.zeros((0, identity.feature_dim), np.float32)
+    maps = None
+    if identity.maps is not None:
+        from featcache.backbones.registry import get_entry
+
+        shape = get_entry(identity.backbone).maps_shape(identity.maps)
+        maps = np.stack([r[3] for r in rows]) if rows else np.zeros((0, *shape), np.float16)
     return FeatureCache(
         features=features.astype(dtype),
         labels=np.array([f.label for f in files], dtype=np.int32),
@@ -68,4 +82,5 @@ def assemble(
         skipped=skipped,
         data_root=str(dataset.root.resolve()),
         dtype=dtype,
+        maps=maps,
     )

@@ -63,6 +63,7 @@ def extract(
     weights: str | None = None,
     pool: str | None = None,
     layers: str | None = None,
+    maps: int | None = None,
     dtype: str | None = None,
     precision: str | None = None,
     labels: str | os.PathLike | None = None,
@@ -84,7 +85,9 @@ def extract(
     ``weights``, ``pool``, ``layers``, ``dtype``, ``precision``) are the ones it records; without
     a cache they default to ``mobilenet_v2``, its first weights, ``avg``, ``last``, ``float32``
     and ``fp32``. ``layers`` (``last``, ``multi``, or stage indices and ``last``, as
-    ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. A
+    ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. With ``maps`` (a
+    stage index, as in ``layers``), the cache also keeps that stage's unpooled maps (float16), for
+    fine-tuning the network above it (``fit --model finetune``). A
     cache made with other settings, or from another folder, is an error unless ``overwrite``
     (a folder that was only moved, holding the same files, is reused). With ``files`` (paths
     relative to ``data_dir``), only those images are embedded and kept. Unreadable files are
@@ -101,6 +104,8 @@ def extract(
         raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
     if virtual and scheduler is None:
         raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
+    if virtual and maps is not None:
+        raise FeatcacheError("virtual=True indexes features only: a cache with maps is written whole")
     if scheduler is not None:
         workers_to_start(scheduler)  # a mistyped scheduler is an error even when nothing is left to do
     output = writable_file(output)
@@ -110,6 +115,7 @@ def extract(
     if recorded is not None and backbone == recorded.backbone:
         weights, pool = weights or recorded.weights, pool or recorded.pool
         precision, layers = precision or recorded.precision, layers or recorded.layers
+        maps = recorded.maps if maps is None else maps
     dtype = dtype or (previous.dtype if previous is not None else "float32")
     if dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -129,8 +135,8 @@ def extract(
             on_progress(Progress(done, total, stage="download"))
 
     net = build_backbone(
-        backbone, weights=weights, pool=pool or "avg", layers=layers or "last", precision=precision or "fp32",
-        device=device, engine=engine, on_download=downloaded,
+        backbone, weights=weights, pool=pool or "avg", layers=layers or "last", maps=maps,
+        precision=precision or "fp32", device=device, engine=engine, on_download=downloaded,
     )  # fmt: skip
     identity = net.identity
     if previous is not None:
@@ -277,7 +283,7 @@ def _previous_cache(output: Path) -> FeatureCache | None:
     if not output.exists():
         return None
     try:
-        return read_cache(output)
+        return read_cache(output, maps=True)
     except FeatcacheError as e:
         raise FeatcacheError(
             f"{e}; refusing to replace it (pass overwrite=True to replace it, or output=OTHER.h5 to write "
@@ -338,7 +344,8 @@ def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, Row]:
     for i, path in enumerate(previous.paths):
         f = current.get(path)
         if f is not None and (f.size, f.mtime_ns) == (int(previous.sizes[i]), int(previous.mtimes_ns[i])):
-            rows[path] = (f.size, f.mtime_ns, previous.features[i].astype(np.float32))
+            maps = None if previous.maps is None else previous.maps[i]
+            rows[path] = (f.size, f.mtime_ns, previous.features[i].astype(np.float32), maps)
     return rows
 
 
@@ -374,9 +381,11 @@ class _Partial:
         try:
             with np.load(part, allow_pickle=False) as z:
                 paths = [os.fsdecode(bytes(p)) for p in z["paths"]]
-                for p, size, mtime, feat in zip(paths, z["sizes"], z["mtimes"], z["features"], strict=True):
+                maps = z["maps"] if "maps" in z else [None] * len(paths)
+                columns = zip(paths, z["sizes"], z["mtimes"], z["features"], maps, strict=True)
+                for p, size, mtime, feat, kept in columns:
                     if (f := self._unchanged(p, size, mtime)) is not None:
-                        self.rows[p] = (f.size, f.mtime_ns, feat)
+                        self.rows[p] = (f.size, f.mtime_ns, feat, kept)
                 skipped = [os.fsdecode(bytes(p)) for p in z["skipped_paths"]]
                 signature = zip(z["skipped_reasons"], z["skipped_sizes"], z["skipped_mtimes"], strict=True)
                 for p, (reason, size, mtime) in zip(skipped, signature, strict=True):
@@ -398,6 +407,8 @@ class _Partial:
         part = self.folder / f"part-{self.seq:06d}.npz"
         tmp = self.folder / f".{part.name}.tmp"
         dim = next(iter(rows.values()))[2].shape[0] if rows else 0
+        kept = [r[3] for r in rows.values() if r[3] is not None]
+        maps = {"maps": np.stack(kept)} if kept and len(kept) == len(rows) else {}
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
@@ -409,6 +420,7 @@ class _Partial:
                 skipped_reasons=np.array(list(skipped.values()), dtype=str),
                 skipped_sizes=np.array([self.files[p].size for p in skipped], dtype=np.int64),
                 skipped_mtimes=np.array([self.files[p].mtime_ns for p in skipped], dtype=np.int64),
+                **maps,
             )
         os.replace(tmp, part)
         self.rows.update(rows)

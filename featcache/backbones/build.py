@@ -15,10 +15,20 @@ import glob
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import LAST, RANDOM, BackboneEntry, BackboneIdentity, Embedder
+import numpy as np
+
+from featcache.backbones.identity import (
+    LAST,
+    RANDOM,
+    BackboneEntry,
+    BackboneIdentity,
+    Embedder,
+    arrays_sha256,
+)
 from featcache.backbones.registry import get_entry
 from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
@@ -26,6 +36,8 @@ from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.files import file_sha256
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from featcache.backbones.eager import EagerBackbone
 
 
@@ -35,6 +47,7 @@ def build_backbone(
     weights: str | None = None,
     pool: str = "avg",
     layers: str = LAST,
+    maps: int | None = None,
     precision: str = "fp32",
     device: str = "cpu",
     engine: str = "auto",
@@ -42,6 +55,7 @@ def build_backbone(
     optimize: bool = True,
     download: bool = True,
     on_download: DownloadProgress | None = None,
+    top: Mapping[str, np.ndarray] | None = None,
 ) -> Embedder:
     """Build ``backbone`` (a registered name, or the :class:`BackboneIdentity` of a cache or model).
 
@@ -50,7 +64,8 @@ def build_backbone(
     with their hash checked (unless ``download`` is false or ``FEATCACHE_OFFLINE=1``), reporting
     bytes to ``on_download``. ``layers`` is ``last``, ``multi`` or stage indices and ``last``
     (``4,5,6,last``): each layer is pooled with ``pool`` and the vectors are concatenated (see
-    :meth:`~featcache.backbones.identity.BackboneEntry.resolve_layers`). ``precision`` is
+    :meth:`~featcache.backbones.identity.BackboneEntry.resolve_layers`). With ``maps`` (a stage
+    index), the backbone also returns that stage's maps (``embed_maps``). ``precision`` is
     ``fp32`` or ``bf16``; ``device`` is ``cpu``,
     ``cuda`` or ``auto``. ``engine`` is ``openvino`` (CPU only), ``torch``, or ``auto``: PyTorch
     on CUDA, else OpenVINO. With ``traced``, PyTorch on the CPU loads a saved trace instead of
@@ -58,17 +73,21 @@ def build_backbone(
     BatchNorm folding, never traced or converted).
 
     Given an identity, the other settings come from it, and weights at hand that are not the
-    recorded ones are refused. The result's ``engine`` says which engine runs it.
+    recorded ones are refused. An identity whose network is fine-tuned above a stage (``tuned``)
+    runs from what an earlier run saved for it, or is built from ``top``, the fine-tuned arrays
+    of its model bundle. The result's ``engine`` says which engine runs it.
     """
     device = resolve_device(device)
     engine = resolve_engine(engine, device) if optimize else "torch"
     wanted = backbone if isinstance(backbone, BackboneIdentity) else None
     if wanted is not None:
         backbone, weights, pool, precision = wanted.backbone, wanted.weights, wanted.pool, wanted.precision
-        layers = wanted.layers
+        layers, maps = wanted.layers, wanted.maps
     entry = _checked_entry(backbone, pool, precision)
     try:
         layers = entry.resolve_layers(layers)
+        if maps is not None:
+            entry.check_maps(maps)
     except ValueError as e:
         raise FeatcacheError(str(e)) from None
     weights = weights or entry.default_weights
@@ -84,15 +103,23 @@ def build_backbone(
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
         dim = entry.pooled_dim(pool, layers)
-        wanted = BackboneIdentity(entry.name, label, sha, entry.preprocessing, pool, dim, precision, layers)
+        wanted = BackboneIdentity(
+            entry.name, label, sha, entry.preprocessing, pool, dim, precision, layers, maps
+        )
     if wanted is not None and (ready := _saved(wanted, engine, device, traced and optimize)) is not None:
         return ready
+    if wanted is not None and wanted.tuned and top is None:
+        raise FeatcacheError(
+            f"the fine-tuned {wanted.backbone} network has not been converted on this machine: load it from "
+            "its model bundle (featcache.Predictor), which holds its fine-tuned weights"
+        )
     if weights != RANDOM and path is None:
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
     # the network PyTorch runs, or the fp32 one OpenVINO converts
     arithmetic = "fp32" if engine == "openvino" else precision
-    net = _eager(entry, label, path, pool, layers, arithmetic, device, optimize, sha)
+    tuned = wanted.tuned_stage if wanted is not None and top is not None else None
+    net = _eager(entry, label, path, pool, layers, arithmetic, device, optimize, sha, maps, tuned, top)
     identity = dataclasses.replace(net.identity, precision=precision)
     if wanted is None and (ready := _saved(identity, engine, device, traced=False)) is not None:
         return ready  # random weights, converted by an earlier run
@@ -199,8 +226,12 @@ def _eager(
     device: str,
     optimize: bool,
     sha: str | None = None,
+    maps: int | None = None,
+    tuned: int | None = None,
+    top: Mapping[str, np.ndarray] | None = None,
 ) -> EagerBackbone:
-    """The network of ``entry`` with the weights file ``path`` (whose SHA-256 is ``sha``), or random."""
+    """The network of ``entry`` with the weights file ``path`` (whose SHA-256 is ``sha``), or random;
+    with ``top``, the state of the part after stage ``tuned`` (``entry.top``) replaced by it."""
     import torch
 
     from featcache.backbones.eager import EagerBackbone, state_sha256
@@ -225,10 +256,29 @@ def _eager(
         except (RuntimeError, KeyError, ValueError) as e:
             first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
             raise FeatcacheError(f"weights file {path} does not fit backbone {entry.name}: {first}") from None
+    tuned_id = ""
+    if tuned is not None and top is not None:
+        load_top(entry, model, tuned, top)
+        tuned_id = f"{tuned}:{arrays_sha256(top)}"
     identity = BackboneIdentity(
-        entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool, layers), precision, layers
-    )
+        entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool, layers), precision, layers,
+        maps, tuned_id,
+    )  # fmt: skip
     return EagerBackbone(entry, model, identity, optimize=optimize).to(device)
+
+
+def load_top(entry: BackboneEntry, model: nn.Module, stage: int, state: Mapping[str, np.ndarray]) -> None:
+    """Put the arrays ``state`` into the part of ``model`` after stage ``stage`` (``entry.top``)."""
+    import torch
+
+    top = entry.top(model, stage)
+    try:
+        top.load_state_dict({k: torch.from_numpy(np.asarray(v)).clone() for k, v in state.items()})
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise FeatcacheError(
+            f"the fine-tuned weights do not fit {entry.name} after stage {stage}: {first}"
+        ) from None
 
 
 def _read_state(path: Path) -> dict:

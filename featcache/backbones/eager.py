@@ -20,8 +20,10 @@ class EagerBackbone(Described, nn.Module):
 
     With ``optimize`` (the default) BatchNorms are folded into their convolutions and the model
     runs in ``channels_last`` layout: the same function, faster, equal up to float rounding.
-    The stages that the identity's ``layers`` name are read on the way through the network
-    (forward hooks), so all layers come out of one pass.
+    The stages that the identity's ``layers`` name, and the stage whose maps it keeps
+    (``identity.maps``), are read on the way through the network (forward hooks), so everything
+    comes out of one pass. With ``maps``, :meth:`forward` returns the pooled embeddings and those
+    maps.
     """
 
     engine = "torch"
@@ -40,7 +42,7 @@ class EagerBackbone(Described, nn.Module):
             self.model.to(memory_format=torch.channels_last)
         self.stages, self.last = split_layers(identity.layers)
         self._seen = threading.local()
-        for i in self.stages:
+        for i in sorted({*self.stages, *([] if identity.maps is None else [identity.maps])}):
             self.model.get_submodule(entry.stages[i].module).register_forward_hook(self._keep(i))
 
     def _keep(self, index: int):
@@ -57,7 +59,8 @@ class EagerBackbone(Described, nn.Module):
 
     def layer_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Normalised N×3×H×W batch → the float32 outputs of the identity's layers, in order (each
-        N×C×h×w, or N×C when the network pools it itself), computed in the identity's precision."""
+        N×C×h×w, or N×C when the network pools it itself), computed in the identity's precision;
+        with ``identity.maps``, that stage's output follows them."""
         if self.optimized:
             x = x.contiguous(memory_format=torch.channels_last)
         bf16 = self.identity.precision == "bf16"
@@ -66,6 +69,8 @@ class EagerBackbone(Described, nn.Module):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 last = self.entry.features(self.model, x)
             maps = [self._seen.maps[i] for i in self.stages] + ([last] if self.last else [])
+            if self.identity.maps is not None:
+                maps.append(self._seen.maps[self.identity.maps])
         finally:
             self._seen.maps = {}
         for i, m in zip(self.stages, maps, strict=False):
@@ -77,15 +82,27 @@ class EagerBackbone(Described, nn.Module):
                 )
         return [m.float() for m in maps]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised N×3×H×W batch → N×D pooled embeddings (the layers' pooled vectors, concatenated)."""
-        return torch.cat([pooled(m, self.identity.pool) for m in self.layer_maps(x)], dim=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised N×3×H×W batch → N×D pooled embeddings (the layers' pooled vectors,
+        concatenated), and with ``identity.maps`` that stage's N×C×h×w maps."""
+        maps = self.layer_maps(x)
+        if self.identity.maps is None:
+            return torch.cat([pooled(m, self.identity.pool) for m in maps], dim=1)
+        return torch.cat([pooled(m, self.identity.pool) for m in maps[:-1]], dim=1), maps[-1]
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """N×H×W×3 uint8 pixels (from :func:`featcache.images.load_pixels`) → N×D float32 embeddings."""
-        x = normalize(pixels, self.preprocessing).to(self.device)
-        return self(x).float().cpu().numpy()
+        out = self(normalize(pixels, self.preprocessing).to(self.device))
+        return (out[0] if isinstance(out, tuple) else out).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_maps(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`embed`, and the float32 maps of stage ``identity.maps`` from the same pass."""
+        if self.identity.maps is None:
+            raise ValueError("this backbone keeps no maps (its identity has maps=None)")
+        features, maps = self(normalize(pixels, self.preprocessing).to(self.device))
+        return features.float().cpu().numpy(), maps.float().cpu().numpy()
 
     @torch.inference_mode()
     def imagenet_logits(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,12 @@ def _builder(variant: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _top(model: nn.Module, stage: int) -> nn.Module:
+    from torch import nn
+
+    return nn.Sequential(*model.blocks[stage + 1 :], model.conv_head, model.bn2)
+
+
 def _tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
 
@@ -90,6 +96,7 @@ def _register(variant: str, filename: str, size: int, top1: float, channels: tup
                 Stage(f"blocks.{i}", c, r) for i, (c, r) in enumerate(zip(channels, _REDUCTIONS, strict=True))
             ),
             multi=MULTI,
+            top=_top,
         )
     )
 

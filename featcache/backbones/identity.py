@@ -4,7 +4,8 @@ identity written into every cache and model. Nothing here imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -125,6 +126,10 @@ class BackboneEntry:
     pools: tuple[str, ...] = POOLS
     stages: tuple[Stage, ...] = ()
     multi: str = LAST
+    top: Callable[[nn.Module, int], nn.Module] | None = None
+    """``top(model, i)``: the part of ``model`` after stage ``i`` (the later stages and the head
+    convolution) as one module, mapping stage ``i``'s maps to the last layer's unpooled maps;
+    None when the backbone cannot be fine-tuned from cached maps."""
 
     @property
     def default_weights(self) -> str:
@@ -167,6 +172,24 @@ class BackboneEntry:
         indices, last = split_layers(self.resolve_layers(layers))
         return sum(self.stages[i].channels for i in indices) + (self.feature_dim if last else 0)
 
+    def check_maps(self, stage: int) -> int:
+        """``stage`` when its maps can be cached and the network above it fine-tuned; else
+        ``ValueError`` saying what is allowed."""
+        if self.top is None or not self.stages:
+            raise ValueError(f"maps: {self.name} cannot be fine-tuned from cached maps")
+        if not isinstance(stage, int) or not 0 <= stage < len(self.stages):
+            raise ValueError(
+                f"maps: {stage!r} is not a stage of {self.name}; use a stage index 0-{len(self.stages) - 1} "
+                f"(see 'featcache backbones --layers {self.name}')"
+            )
+        return stage
+
+    def maps_shape(self, stage: int) -> tuple[int, int, int]:
+        """Channels, height and width of stage ``stage``'s maps at the input size."""
+        s = self.stages[stage]
+        side = -(-self.preprocessing.size // s.reduction)
+        return (s.channels, side, side)
+
     def pooled_dim(self, pool: str, layers: str = LAST) -> int:
         """Length of the embedding with pooling ``pool`` of the layers ``layers``."""
         return self.layers_dim(layers) * (2 if pool == "avgmax" else 1)
@@ -186,6 +209,9 @@ class BackboneIdentity:
     explicit weights file; ``weights_sha256`` identifies the tensors themselves. ``precision`` is
     the arithmetic of the forward pass (``fp32``, or ``bf16`` autocast). ``layers`` lists the
     pooled layers, concatenated in that order (:meth:`BackboneEntry.resolve_layers` form).
+    ``maps`` is the stage whose unpooled maps a cache keeps beside the features (None: none).
+    ``tuned`` is ``STAGE:SHA256`` when the network after stage STAGE carries fine-tuned weights
+    (the arrays of a model bundle with that digest, :func:`arrays_sha256`), else empty.
     """
 
     backbone: str
@@ -196,8 +222,18 @@ class BackboneIdentity:
     feature_dim: int
     precision: str = "fp32"
     layers: str = LAST
+    maps: int | None = None
+    tuned: str = ""
+
+    @property
+    def tuned_stage(self) -> int | None:
+        """The stage after which the weights are fine-tuned, or None."""
+        return int(self.tuned.split(":")[0]) if self.tuned else None
 
     def to_dict(self) -> dict[str, Any]:
+        optional = {"maps": self.maps} if self.maps is not None else {}
+        if self.tuned:
+            optional["tuned"] = self.tuned
         return {
             "backbone": self.backbone,
             "weights": self.weights,
@@ -207,6 +243,7 @@ class BackboneIdentity:
             "feature_dim": self.feature_dim,
             "precision": self.precision,
             "layers": self.layers,
+            **optional,
         }
 
     @classmethod
@@ -220,12 +257,15 @@ class BackboneIdentity:
             feature_dim=int(d["feature_dim"]),
             precision=d.get("precision", "fp32"),
             layers=d.get("layers", LAST),
+            maps=None if d.get("maps") is None else int(d["maps"]),
+            tuned=str(d.get("tuned", "")),
         )
 
     def differences(self, other: BackboneIdentity) -> list[str]:
         """What differs from ``other``, in words (empty when the features are interchangeable)."""
         out = []
-        keys = ("backbone", "weights_sha256", "preprocessing", "layers", "pool", "feature_dim", "precision")
+        keys = ("backbone", "weights_sha256", "preprocessing", "layers", "pool", "feature_dim", "precision",
+                "maps", "tuned")  # fmt: skip
         for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
             if key == "preprocessing":
@@ -235,6 +275,18 @@ class BackboneIdentity:
                     mine, theirs = f"{self.weights} ({mine[:12]})", f"{other.weights} ({theirs[:12]})"
                 out.append(f"{key}: {mine} vs {theirs}")
         return out
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hex SHA-256 of named arrays (names, dtypes, shapes and bytes, in name order)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @runtime_checkable
@@ -255,6 +307,10 @@ class Embedder(Protocol):
     def feature_dim(self) -> int: ...
 
     def embed(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def embed_maps(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`embed`, and the N×C×h×w float32 maps of ``identity.maps`` from the same pass."""
+        ...
 
 
 class Described:

@@ -24,6 +24,12 @@ def _source(name: str, filename: str, description: str) -> WeightsSource:
     return WeightsSource(name, filename, _HUB + filename, description=description)
 
 
+def _top(model: nn.Module, stage: int) -> nn.Module:
+    from torch import nn
+
+    return nn.Sequential(*model.features[_STAGES[stage][0] + 1 :])
+
+
 def _build() -> nn.Module:
     from torchvision.models import mobilenet_v2
 
@@ -45,5 +51,6 @@ register(
         head=lambda model: model.classifier,
         stages=tuple(Stage(f"features.{end}", c, r) for end, c, r in _STAGES),
         multi=LITE_MULTI,  # the same seven-stage layout as EfficientNet-Lite, whose preset was measured
+        top=_top,
     )
 )

@@ -1,6 +1,7 @@
 """The backbone on OpenVINO, the fast engine on CPUs.
 
-The folded network with its pooling, and the normalisation of uint8 pixels in front of it, is
+The folded network with its pooling (and, for a cache that keeps them, a stage's maps as a second
+output), and the normalisation of uint8 pixels in front of it, is
 converted once to OpenVINO IR and kept in :func:`featcache.files.user_cache_dir`, one folder per
 backbone identity (precision aside: it is chosen when the model is compiled), OpenVINO version
 and featcache version. The IR is saved only after it has reproduced the PyTorch network's
@@ -57,12 +58,23 @@ class OpenVINOBackbone(Described):
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """N×H×W×3 uint8 pixels (from :func:`featcache.images.load_pixels`) → N×D float32 embeddings."""
+        return self._run(pixels)[0]
+
+    def embed_maps(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`embed`, and the float32 maps of stage ``identity.maps`` from the same pass."""
+        if self.identity.maps is None:
+            raise ValueError("this backbone keeps no maps (its identity has maps=None)")
+        features, maps = self._run(pixels)
+        return features, maps
+
+    def _run(self, pixels: np.ndarray) -> list[np.ndarray]:
         pixels = np.ascontiguousarray(pixels)
         size = self.preprocessing.size
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
             raise ValueError(f"expected an N×{size}×{size}×3 uint8 batch, got {pixels.shape} {pixels.dtype}")
         self._request.infer([pixels])
-        return np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
+        outputs = len(self.compiled.outputs)
+        return [np.array(self._request.get_output_tensor(i).data, dtype=np.float32) for i in range(outputs)]
 
 
 def load_openvino(identity: BackboneIdentity) -> OpenVINOBackbone | None:
@@ -109,12 +121,15 @@ def save_openvino(net: EagerBackbone, identity: BackboneIdentity) -> OpenVINOBac
     model = ppp.build()
     fp32 = OpenVINOBackbone(_compile(model, net.identity, "fp32"), net.identity)
     probe = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
-    expected, got = net.embed(probe), fp32.embed(probe)
-    cosine = float(
-        np.min(np.sum(expected * got, 1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)))
-    )
-    if not cosine >= MIN_COSINE:
-        raise RuntimeError(f"the OpenVINO model's embeddings are off (cosine {cosine:.7f} < {MIN_COSINE})")
+    pairs = [(net.embed(probe), fp32.embed(probe))]
+    if identity.maps is not None:
+        pairs.append((net.embed_maps(probe)[1], fp32.embed_maps(probe)[1]))
+    for what, (expected, got) in zip(("embeddings", "maps"), pairs, strict=False):
+        expected, got = expected.reshape(len(probe), -1), got.reshape(len(probe), -1)
+        norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
+        cosine = float(np.min(np.sum(expected * got, 1) / norms))
+        if not cosine >= MIN_COSINE:
+            raise RuntimeError(f"the OpenVINO model's {what} are off (cosine {cosine:.7f} < {MIN_COSINE})")
     _write(model, ir_folder(identity))
     if identity.precision == "fp32":
         return fp32

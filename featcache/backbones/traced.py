@@ -5,8 +5,8 @@ Building a backbone imports torchvision or timm, constructs the network and load
 optimised network needs torch alone. Traces are kept in :func:`featcache.files.user_cache_dir`,
 one file per backbone identity, torch version and device type, written whole or not at all. A
 trace is saved only after it has reproduced the network's output exactly, on a batch size other
-than the one it was traced with. bf16 backbones are not traced: autocast inside TorchScript does
-not round like eager autocast.
+than the one it was traced with. bf16 backbones are not traced (autocast inside TorchScript does
+not round like eager autocast), nor those that return maps for a cache.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class TracedBackbone(Described):
 def load_traced(identity: BackboneIdentity, device: str | torch.device) -> TracedBackbone | None:
     """The saved trace of ``identity`` on ``device``, or None when there is none (or it is unreadable)."""
     path = trace_path(identity, device)
-    if identity.precision != "fp32" or not path.is_file():
+    if identity.precision != "fp32" or identity.maps is not None or not path.is_file():
         return None
     try:
         with warnings.catch_warnings():
@@ -71,7 +71,7 @@ def load_traced(identity: BackboneIdentity, device: str | torch.device) -> Trace
 
 def save_traced(net: EagerBackbone) -> Path | None:
     """Trace ``net``, check the trace against it, and save it; None when it cannot be traced exactly."""
-    if net.identity.precision != "fp32":
+    if net.identity.precision != "fp32" or net.identity.maps is not None:
         return None
     size = net.preprocessing.size
     generator = torch.Generator().manual_seed(0)
