@@ -31,14 +31,14 @@ import numpy as np
 from joblib.numpy_pickle import NumpyUnpickler
 
 from featcache._version import __version__
-from featcache.backbones.identity import BackboneIdentity
+from featcache.backbones.identity import BackboneIdentity, arrays_sha256
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
 from featcache.head import LinearHead
 
 FORMAT = "featcache-model"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODEL_FILE = "best.joblib"
 DEFAULT_MODEL = f"models/{MODEL_FILE}"
 
@@ -52,6 +52,10 @@ class ModelBundle:
     came from and ``feature_dtype`` how they were stored. ``head`` is the pipeline as plain
     NumPy arrays (present when it reproduces the pipeline), so predicting needs no scikit-learn;
     ``pipeline`` is the fitted scikit-learn pipeline, unpickled on first use.
+
+    A ``finetune`` model also holds ``top``, the fine-tuned weights of the network after stage
+    ``identity.tuned_stage`` as arrays: its backbone is built with them, and ``head`` is its new
+    linear layer on their pooled output. Its ``pipeline`` takes a cache's feature maps.
     """
 
     family: str
@@ -64,11 +68,20 @@ class ModelBundle:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     featcache_version: str = __version__
     pipeline_pickle: bytes | None = field(default=None, repr=False)
+    top: dict[str, np.ndarray] | None = field(default=None, repr=False)
     _pipeline: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.head is not None and self.head.n_classes != len(self.folders):
             raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
+        if bool(self.top) != bool(self.identity.tuned):
+            raise FeatcacheError(
+                "the model bundle is inconsistent: fine-tuned weights without their identity"
+            )
+        if self.top is not None and arrays_sha256(self.top) != self.identity.tuned.split(":")[1]:
+            raise FeatcacheError(
+                "the model bundle is inconsistent: its fine-tuned weights are not the recorded ones"
+            )
 
     @classmethod
     def with_pipeline(cls, pipeline: Any, **fields: Any) -> ModelBundle:
@@ -124,7 +137,7 @@ class ModelBundle:
                         for f, name in zip(self.folders, self.names, strict=True)],
             "backbone": {"name": ident.backbone, "weights": ident.weights, "layers": ident.layers,
                          "pool": ident.pool, "feature_dim": ident.feature_dim, "precision": ident.precision,
-                         "input_size": ident.preprocessing.size},
+                         "input_size": ident.preprocessing.size, "fine_tuned_after_stage": ident.tuned_stage},
             "cv_accuracy": best.get("cv_accuracy_mean"),
             "cv_accuracy_std": best.get("cv_accuracy_std"),
             "cv_folds": report.get("cv"),
@@ -148,7 +161,8 @@ class ModelBundle:
         """The bundle as plain types (what is pickled)."""
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # a featcache that predates fine-tuning would ignore the fine-tuned weights: it must refuse
+            "format_version": FORMAT_VERSION if self.top is not None else 3,
             "family": self.family,
             "folders": list(self.folders),
             "identity": self.identity.to_dict(),
@@ -159,6 +173,7 @@ class ModelBundle:
             "created": self.created,
             "featcache_version": self.featcache_version,
             "pipeline_pickle": self.pipeline_pickle,
+            "top": self.top,
         }
 
     @classmethod
@@ -175,6 +190,7 @@ class ModelBundle:
             created=d.get("created", ""),
             featcache_version=d.get("featcache_version", ""),
             pipeline_pickle=d.get("pipeline_pickle"),
+            top={str(k): np.asarray(v) for k, v in d["top"].items()} if d.get("top") else None,
         )
 
 

@@ -4,7 +4,7 @@ Plain data, no heavy imports: the command line builds its option lists from here
 """
 
 DEFAULT_BACKBONE = "mobilenet_v2"
-FAMILIES = ("logreg", "linsvm", "softmax")
+FAMILIES = ("logreg", "linsvm", "softmax", "finetune")
 MODELS = (*FAMILIES, "all")
 POOLS = ("avg", "max", "avgmax")
 PRECISIONS = ("fp32", "bf16")

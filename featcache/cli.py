@@ -487,7 +487,8 @@ def _printable(path: str) -> str:
     type=click.Choice(choices.MODELS),
     default="all",
     show_default=True,
-    help="Model family to cross-validate; 'all' compares them and keeps the best.",
+    help="Model family to cross-validate; 'all' compares them and keeps the best (with 'finetune' when "
+    "the cache keeps feature maps: minutes, not seconds).",
 )
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="Stratified folds.")
 @click.option(
@@ -506,15 +507,38 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
     """
     from featcache.fit import fit as run_fit
 
-    result = run_fit(
-        features,
-        model=model,
-        cv=cv,
-        output=output,
-        seed=seed,
-        on_progress=lambda msg: click.echo(msg, err=True),
-    )
+    bar = _EpochBar()
+    try:
+        result = run_fit(
+            features,
+            model=model,
+            cv=cv,
+            output=output,
+            seed=seed,
+            on_progress=lambda msg: click.echo(msg, err=True),
+            on_epoch=bar.update,
+        )
+    finally:
+        bar.close()
     _echo_fit(result)
+
+
+class _EpochBar:
+    """A tqdm bar over fine-tuning's epochs (every setting, fold and the refit)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="finetune", unit="epoch", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _echo_fit(result, per_class: bool = True) -> None:

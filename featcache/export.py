@@ -92,7 +92,7 @@ def export(
         )
     output = writable_file(output)
     fp32 = dataclasses.replace(bundle, identity=dataclasses.replace(bundle.identity, precision="fp32"))
-    net = build_backbone(fp32.identity, device="cpu", engine="torch", traced=False)
+    net = build_backbone(fp32.identity, device="cpu", engine="torch", traced=False, top=bundle.top)
     module = _classifier(net, bundle).eval()
     size = bundle.identity.preprocessing.size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)

@@ -25,6 +25,7 @@ from featcache.errors import FeatcacheError
 from featcache.files import writable_folder
 
 if TYPE_CHECKING:
+    from featcache.backbones.identity import BackboneIdentity
     from featcache.predictor import Predictor
 
 
@@ -62,13 +63,17 @@ def fit(
     output: str | os.PathLike = "models",
     seed: int = 0,
     on_progress: Callable[[str], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Cross-validate ``model`` (a family or ``all``) on ``features``; save the best in ``output``.
 
     Each family's small grid is scored by stratified ``cv``-fold cross-validation (seeded); the
     family with the best mean accuracy is refit on all labelled rows. Its out-of-fold
     predictions give the per-class table and the confusion matrix. Fits whose solver stopped
-    before converging are counted in the report.
+    before converging are counted in the report. ``finetune`` (part of ``all`` when the cache
+    keeps feature maps) trains on the maps; ``on_epoch(done, total)`` follows its epochs.
+    The model is saved only once it is complete: a fit stopped at any point leaves the previous
+    model in ``output`` as it was.
     """
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import ParameterGrid, StratifiedKFold
@@ -80,9 +85,18 @@ def fit(
         raise FeatcacheError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if not isinstance(cv, int) or cv < 2:
         raise FeatcacheError(f"cv must be an integer >= 2, got {cv!r}")
-    cache = read_cache(features)
+    if model == "finetune" or (model == "all" and _has_maps(features)):
+        cache = read_cache(features, maps=True)
+    else:
+        cache = read_cache(features)
+    if model == "finetune" and cache.maps is None:
+        raise FeatcacheError(
+            f"{features} keeps no feature maps to fine-tune on: extract with --maps STAGE "
+            f"(e.g. featcache extract DATA_DIR -o {features} --maps 4), or choose another model"
+        )
     out = writable_folder(output)
     X, y = cache.labelled()
+    maps = cache.labelled(maps=True)[0] if cache.maps is not None else None
     folders, counts = np.unique(y, return_counts=True)
     if len(folders) < 2:
         raise FeatcacheError(f"{features}: need labelled images of at least 2 classes, found {len(folders)}")
@@ -93,19 +107,29 @@ def fit(
             f"{', '.join(small[:10])}; add images, lower cv, or remove those classes"
         )
     folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
-    families = list(FAMILIES) if model == "all" else [model]
+    families = (
+        [n for n in FAMILIES if maps is not None or not FAMILIES[n].maps] if model == "all" else [model]
+    )
+    fixed = {"clf__identity": cache.identity.to_dict()} if maps is not None else {}
+    epochs = _EpochCounter(on_epoch, families, cv)
     results: dict[str, Any] = {}
     oof: dict[str, np.ndarray] = {}
     for name in families:
+        family = FAMILIES[name]
         if on_progress:
-            on_progress(f"{name}: {len(ParameterGrid(FAMILIES[name].grid))} settings x {cv} folds")
-        results[name], oof[name] = cross_validate_family(name, X, y, folds, seed)
+            on_progress(f"{name}: {len(ParameterGrid(family.grid))} settings x {cv} folds")
+        inputs, extra = (maps, fixed) if family.maps else (X, {})
+        with epochs.counting():
+            results[name], oof[name] = cross_validate_family(name, inputs, y, folds, seed, extra)
     chosen = max(families, key=lambda n: results[n]["cv_accuracy_mean"])
     if on_progress:
         on_progress(f"refitting {chosen} on all {len(y)} images")
-    final = FAMILIES[chosen].build_final(seed, results[chosen]["best_params"])
-    with _convergence_warnings() as unconverged, threadpool_limits(FAMILIES[chosen].blas_threads, "blas"):
-        final.fit(X, y)
+    family = FAMILIES[chosen]
+    inputs, extra = (maps, fixed) if family.maps else (X, {})
+    final = family.build_final(seed, {**results[chosen]["best_params"], **extra})
+    with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
+        with epochs.counting():
+            final.fit(inputs, y)
     pred = oof[chosen]
     report = {
         "best": chosen,
@@ -121,16 +145,19 @@ def fit(
         "features": str(Path(features).resolve()),
         "engine": cache.engine,
     }
-    bundle = ModelBundle.with_pipeline(
-        final,
-        family=chosen,
-        folders=folders.tolist(),
-        identity=cache.identity,
-        label_map=cache.label_map,
-        feature_dtype=cache.dtype,
-        head=linear_head(final, X),
-        report=report,
-    )
+    if family.maps:
+        bundle = _finetuned_bundle(final, cache, folders.tolist(), report)
+    else:
+        bundle = ModelBundle.with_pipeline(
+            final,
+            family=chosen,
+            folders=folders.tolist(),
+            identity=cache.identity,
+            label_map=cache.label_map,
+            feature_dtype=cache.dtype,
+            head=linear_head(final, X),
+            report=report,
+        )
     from featcache.report import save_confusion_png, save_json
 
     model_path = out / MODEL_FILE
@@ -146,11 +173,17 @@ def fit(
 
 
 def cross_validate_family(
-    name: str, X: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], seed: int = 0
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+    fixed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Score every setting of family ``name``'s grid on ``folds``; return its report entry (the best
     setting's mean and std accuracy, macro F1, every setting's scores, fit time, unconverged fits)
-    and the best setting's out-of-fold predictions."""
+    and the best setting's out-of-fold predictions. ``fixed`` parameters are set on every
+    pipeline and not reported (a ``maps`` family's ``clf__identity``)."""
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import ParameterGrid, cross_validate
     from threadpoolctl import threadpool_limits
@@ -161,7 +194,7 @@ def cross_validate_family(
     start = time.perf_counter()
     grid = []
     for params in ParameterGrid(family.grid):
-        pipe = family.build(seed).set_params(**params)
+        pipe = family.build(seed).set_params(**params, **(fixed or {}))
         with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
             cvr = cross_validate(pipe, X, y, cv=folds, return_estimator=True, return_indices=True)
         pred = np.empty(len(y), dtype=y.dtype)
@@ -181,6 +214,76 @@ def cross_validate_family(
               "fits": len(grid) * len(folds), "not_converged": sum(g["not_converged"] for g in grid),
               "grid": grid}  # fmt: skip
     return report, best_pred
+
+
+def _has_maps(features: str | os.PathLike) -> bool:
+    """Whether the cache at ``features`` keeps feature maps (read from its identity alone)."""
+    return read_cache(features).identity.maps is not None
+
+
+class _EpochCounter:
+    """Turns fine-tuning's epochs into ``on_epoch(done, total)`` over the whole fit: every setting
+    and fold of the ``maps`` families, and the refit."""
+
+    def __init__(self, on_epoch: Callable[[int, int], None] | None, families: list[str], cv: int):
+        from sklearn.model_selection import ParameterGrid
+
+        from featcache.finetune import FinetuneClassifier
+        from featcache.models import FAMILIES
+
+        self.on_epoch, self.done = on_epoch, 0
+        per_fit = FinetuneClassifier().epochs
+        tuned = [n for n in families if FAMILIES[n].maps]
+        self.total = sum(len(ParameterGrid(FAMILIES[n].grid)) * cv * per_fit for n in tuned)
+        self.total += per_fit if tuned else 0
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        if self.on_epoch is None or not self.total:
+            yield
+            return
+        from featcache.finetune import epoch_progress
+
+        def advance(n: int) -> None:
+            self.done += n
+            self.on_epoch(self.done, self.total)
+
+        with epoch_progress(advance):
+            yield
+
+
+def _finetuned_bundle(final: Any, cache: Any, folders: list[str], report: dict[str, Any]) -> ModelBundle:
+    """The bundle of a fitted ``finetune`` pipeline: the backbone identity with the fine-tuned part
+    (its arrays travel in the bundle), and the new linear layer as the head of its pooled features.
+    The fine-tuned network is converted for this machine's engine now, and checked, as a backbone
+    is."""
+    import dataclasses
+
+    from featcache.backbones.build import build_backbone
+    from featcache.backbones.identity import LAST, arrays_sha256
+    from featcache.backbones.registry import get_entry
+    from featcache.head import LinearHead
+
+    clf = final.steps[-1][1]
+    stage = cache.identity.maps
+    entry = get_entry(cache.identity.backbone)
+    identity = dataclasses.replace(
+        cache.identity, layers=LAST, pool="avg", feature_dim=entry.feature_dim, maps=None,
+        tuned=f"{stage}:{arrays_sha256(clf.state_)}",
+    )  # fmt: skip
+    bundle = ModelBundle.with_pipeline(
+        final,
+        family="finetune",
+        folders=folders,
+        identity=identity,
+        label_map=cache.label_map,
+        feature_dtype="float32",
+        head=LinearHead(clf.coef_, clf.intercept_),
+        report=report,
+        top=clf.state_,
+    )
+    build_backbone(identity, device="cpu", top=clf.state_)
+    return bundle
 
 
 def _per_class(
@@ -242,17 +345,21 @@ def evaluate(
         predictor = Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers)
         paths, truth, predicted, skipped = _predict_folder(predictor, source)
     else:
-        cache = read_cache(source)
-        differences = cache.identity.differences(bundle.identity)
+        cache = read_cache(source, maps=bundle.top is not None)
+        differences = cache.identity.differences(_fit_on(bundle))
         if differences:
             raise FeatcacheError(
                 f"{source} was extracted differently from the features {model_path} was fit on "
                 f"({'; '.join(differences)}): re-extract with the model's backbone, "
                 "or evaluate an image folder"
             )
-        X, y = cache.labelled()
+        X, y = cache.labelled(maps=bundle.top is not None)
         paths = [p for p, label in zip(cache.paths, cache.labels, strict=True) if label >= 0]
-        truth, predicted, skipped = y.tolist(), bundle.predict(X), cache.skipped
+        if bundle.top is not None:  # fine-tuned: the pipeline runs the trained part on the cached maps
+            predicted = [str(c) for c in bundle.pipeline.predict(X)] if len(X) else []
+        else:
+            predicted = bundle.predict(X)
+        truth, skipped = y.tolist(), cache.skipped
     if not paths:
         raise FeatcacheError(f"{source}: no labelled images to evaluate")
     unknown = sorted(set(truth) - set(bundle.folders))
@@ -262,6 +369,16 @@ def evaluate(
             f"(model classes: {', '.join(bundle.folders[:10])}{'…' if len(bundle.folders) > 10 else ''})"
         )
     return _score(bundle, paths, truth, predicted, skipped)
+
+
+def _fit_on(bundle: ModelBundle) -> BackboneIdentity:
+    """The identity of the cache ``bundle`` was fit on (a fine-tuned model's records its maps)."""
+    if bundle.top is None:
+        return bundle.identity
+    pipeline_identity = bundle.pipeline.steps[-1][1].identity
+    from featcache.backbones.identity import BackboneIdentity
+
+    return BackboneIdentity.from_dict(pipeline_identity)
 
 
 def _predict_folder(

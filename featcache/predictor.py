@@ -82,7 +82,7 @@ class Predictor:
         self.feature_dtype = np.dtype(bundle.feature_dtype)
         self.batch_size = batch_size
         self.workers = workers
-        self.backbone = build_backbone(self.identity, device=device, engine=engine)
+        self.backbone = build_backbone(self.identity, device=device, engine=engine, top=bundle.top)
 
     @classmethod
     def load(

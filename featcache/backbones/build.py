@@ -291,3 +291,22 @@ def _read_state(path: Path) -> dict:
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pretrained_network(identity: BackboneIdentity, download: bool = True) -> tuple[BackboneEntry, nn.Module]:
+    """The registry entry and the PyTorch network (as built, eval mode, frozen) with the weights
+    that ``identity`` records; a one-line error when the weights at hand are not those."""
+    entry = get_entry(identity.backbone)
+    label, path = RANDOM, None
+    if identity.weights != RANDOM:
+        label, path = resolve_weights(entry, identity.weights, download=download)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FeatcacheWarning)  # random weights: said when they were extracted
+        net = _eager(entry, label, path, identity.pool, identity.layers, "fp32", "cpu", optimize=False,
+                     sha=file_sha256(path) if path is not None else None)  # fmt: skip
+    if net.identity.weights_sha256 != identity.weights_sha256:
+        raise FeatcacheError(
+            f"the {entry.name} weights available here ({label}, {net.identity.weights_sha256[:12]}) are not "
+            f"the ones recorded ({identity.weights}, {identity.weights_sha256[:12]})"
+        )
+    return entry, net.model

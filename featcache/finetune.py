@@ -1,0 +1,306 @@
+"""Fine-tuning the top of the backbone on cached feature maps.
+
+A cache made with ``extract --maps STAGE`` keeps the unpooled output of one stage of the network.
+:class:`FinetuneClassifier` takes those maps as its input and trains what comes after them: the
+later stages and the head convolution, starting from the pretrained weights the cache's identity
+records, then average pooling and a new linear layer. The frozen part of the network, most of
+its compute, has run once per image at extraction.
+
+The trained part is kept as plain NumPy arrays (``state_``, ``coef_``, ``intercept_``): a model
+bundle holds no torch objects, and :func:`featcache.backbones.build.build_backbone` puts the
+arrays back into the network to predict from pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+_on_epoch: list[Callable[[int], None]] = []
+
+
+@contextlib.contextmanager
+def epoch_progress(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, every :class:`FinetuneClassifier` fit calls ``callback(n)`` as epochs pass:
+    1 per epoch run, and the epochs early stopping saved when it stops, so that a fit always
+    reports ``epochs`` in all."""
+    _on_epoch.append(callback)
+    try:
+        yield
+    finally:
+        _on_epoch.remove(callback)
+
+
+def _report(n: int) -> None:
+    for callback in _on_epoch:
+        callback(n)
+
+
+class FinetuneClassifier(ClassifierMixin, BaseEstimator):
+    """The network above a stage, fine-tuned on that stage's cached maps, with a new linear layer.
+
+    ``X`` is an N×C×h×w array of the maps of stage ``identity["maps"]`` (as a cache made with
+    ``extract --maps`` keeps them). The later stages and the head convolution start from the
+    pretrained weights recorded in ``identity`` (a :class:`~featcache.backbones.identity.
+    BackboneIdentity` as ``to_dict()`` gives it); they are trained with a new linear layer on
+    their average-pooled output, by AdamW on label-smoothed cross-entropy.
+
+    Parameters
+    ----------
+    identity : the cache's backbone identity, as a dict (fixes the network, its weights and stage).
+    epochs : passes over the training maps (at most; early stopping may end sooner).
+    lr_max : peak learning rate; ``decay`` shapes it over the epochs: ``onecycle`` (warm up over
+        the first 30 %, then cosine down), ``cosine`` or ``constant``.
+    weight_decay : AdamW's decoupled weight decay.
+    label_smoothing : cross-entropy label smoothing in [0, 1).
+    batch_size : maps per step.
+    augment : flip each training map horizontally with probability 1/2.
+    validation_fraction : share of the training data held out for early stopping (0: none).
+    patience : epochs without a better validation loss before training stops. With a ``constant``
+        rate, a ``ConvergenceWarning`` says when the loss was still improving after all epochs.
+    random_state : seed of the initialisation, the shuffling, the flips and the validation split.
+    """
+
+    def __init__(
+        self,
+        identity: dict | None = None,
+        epochs: int = 20,
+        lr_max: float = 1e-3,
+        decay: str = "onecycle",
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.1,
+        batch_size: int = 64,
+        augment: bool = True,
+        validation_fraction: float = 0.1,
+        patience: int = 5,
+        random_state: int | None = 0,
+    ):
+        self.identity = identity
+        self.epochs = epochs
+        self.lr_max = lr_max
+        self.decay = decay
+        self.weight_decay = weight_decay
+        self.label_smoothing = label_smoothing
+        self.batch_size = batch_size
+        self.augment = augment
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        from featcache.models import _validate
+
+        checks = [
+            ("identity", isinstance(self.identity, dict) and self.identity.get("maps") is not None,
+             "the identity dict of a cache made with --maps"),
+            ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1"),
+            ("lr_max", isinstance(self.lr_max, int | float) and self.lr_max > 0, "a number > 0"),
+            ("decay", self.decay in SCHEDULES, f"one of {SCHEDULES}"),
+            ("weight_decay", isinstance(self.weight_decay, int | float) and self.weight_decay >= 0,
+             "a number >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
+            ("augment", isinstance(self.augment, bool), "True or False"),
+            ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
+            ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
+        ]  # fmt: skip
+        _validate(self, checks)
+
+    def _maps(self, X: Any, shape: tuple[int, ...]) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 4 or X.shape[1:] != shape or X.dtype.kind != "f":
+            raise ValueError(
+                f"X must be the N×{'×'.join(map(str, shape))} float maps of stage {self.identity['maps']}, "
+                f"got {X.shape} {X.dtype}"
+            )
+        return X
+
+    def _network(self, n_classes: int) -> tuple[Any, Any, Any]:
+        """The pretrained part above the stage, and a new linear layer (seeded)."""
+        import torch
+        from torch import nn
+
+        from featcache.backbones.build import pretrained_network
+        from featcache.backbones.identity import BackboneIdentity
+
+        identity = BackboneIdentity.from_dict(self.identity)
+        entry, model = pretrained_network(identity)
+        top = copy.deepcopy(entry.top(model, identity.maps))
+        torch.manual_seed(0 if self.random_state is None else int(self.random_state))
+        linear = nn.Linear(entry.feature_dim, n_classes)
+        return entry, top, linear
+
+    def fit(self, X: Any, y: Any) -> FinetuneClassifier:
+        """Train on the maps ``X`` (N×C×h×w) and labels ``y``."""
+        import torch
+
+        self._check_params()
+        from featcache.backbones.registry import get_entry
+
+        entry = get_entry(self.identity["backbone"])
+        X = self._maps(X, entry.maps_shape(self.identity["maps"]))
+        y = np.asarray(y)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(
+                f"FinetuneClassifier needs samples of at least 2 classes; got {len(self.classes_)}"
+            )
+        seed = 0 if self.random_state is None else int(self.random_state)
+        train, val = np.arange(len(y)), None
+        if self.validation_fraction > 0 and len(y) * self.validation_fraction >= len(self.classes_):
+            stratify = y_idx if np.bincount(y_idx).min() >= 2 else None
+            train, val = train_test_split(
+                train, test_size=self.validation_fraction, random_state=seed, stratify=stratify
+            )
+        _, top, linear = self._network(len(self.classes_))
+        with torch.random.fork_rng(devices=[]):
+            still_improving = self._train(top, linear, X, y_idx, train, val, seed)
+        if still_improving:
+            warnings.warn(
+                f"FinetuneClassifier: the validation loss was still improving after epochs={self.epochs}; "
+                "raise epochs for a converged fit",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self.state_ = {k: v.detach().cpu().numpy().copy() for k, v in top.state_dict().items()}
+        self.coef_ = linear.weight.detach().cpu().numpy().astype(np.float64)
+        self.intercept_ = linear.bias.detach().cpu().numpy().astype(np.float64)
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self._module = None
+        return self
+
+    def _lr(self, step: int, total: int) -> float:
+        t = step / max(total, 1)
+        if self.decay == "constant":
+            return self.lr_max
+        if self.decay == "cosine":
+            return self.lr_max * 0.5 * (1 + math.cos(math.pi * t))
+        warmup = 0.3  # one cycle: up from lr_max/25 for 30 % of the steps, then cosine down to ~0
+        if t < warmup:
+            return self.lr_max * (1 / 25 + (1 - 1 / 25) * t / warmup)
+        return self.lr_max * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
+
+    def _train(
+        self, top: Any, linear: Any, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray | None,
+        seed: int,
+    ) -> bool:  # fmt: skip
+        """Run the epochs; leave ``top`` and ``linear`` at their best validation loss (or at the end
+        without validation data); return whether that loss was still improving at the end."""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        top.to(memory_format=torch.channels_last)  # about twice as fast to train on the CPU
+        params = [*top.parameters(), *linear.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=self.lr_max, weight_decay=self.weight_decay)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        steps_per_epoch = math.ceil(len(train) / self.batch_size)
+        total, step = self.epochs * steps_per_epoch, 0
+        targets = torch.from_numpy(y.astype(np.int64))
+        best, best_state, stale = math.inf, None, 0
+        self.n_iter_ = 0
+        for _ in range(self.epochs):
+            top.train()
+            order = rng.permutation(train)
+            for start in range(0, len(order), self.batch_size):
+                idx = np.sort(order[start : start + self.batch_size])
+                xb = torch.from_numpy(np.asarray(X[idx], dtype=np.float32))
+                if self.augment:
+                    flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
+                    xb = torch.where(flip, xb.flip(3), xb)
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = self._lr(step, total)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(linear(top(xb).mean(dim=(2, 3))), targets[idx])
+                loss.backward()
+                optimizer.step()
+                step += 1
+            self.n_iter_ += 1
+            _report(1)
+            if val is None:
+                continue
+            loss = float(
+                nn.functional.cross_entropy(torch.from_numpy(self._logits(top, linear, X[val])), targets[val])
+            )
+            if loss < best - 1e-6:
+                best, stale = loss, 0
+                best_state = (copy.deepcopy(top.state_dict()), copy.deepcopy(linear.state_dict()))
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        _report(self.epochs - self.n_iter_)
+        top.eval()
+        if best_state is not None:
+            top.load_state_dict(best_state[0])
+            linear.load_state_dict(best_state[1])
+        # a schedule that anneals the rate to zero ends training by itself; a constant one may stop early
+        return self.decay == "constant" and val is not None and self.n_iter_ == self.epochs and stale == 0
+
+    def _logits(self, top: Any, linear: Any, X: np.ndarray, batch: int = 128) -> np.ndarray:
+        import torch
+
+        top.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(X), batch):
+                xb = torch.from_numpy(np.asarray(X[start : start + batch], dtype=np.float32))
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                out.append(linear(top(xb).mean(dim=(2, 3))).double().numpy())
+        return np.concatenate(out) if out else np.zeros((0, linear.out_features))
+
+    def _fitted_network(self) -> tuple[Any, Any]:
+        """The trained part and linear layer as torch modules, built from the arrays once."""
+        import torch
+
+        if getattr(self, "_module", None) is None:
+            _, top, linear = self._network(len(self.classes_))
+            top.load_state_dict({k: torch.from_numpy(np.asarray(v)).clone() for k, v in self.state_.items()})
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(self.coef_))
+                linear.bias.copy_(torch.from_numpy(self.intercept_))
+            self._module = (top.eval(), linear.eval())
+        return self._module
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """N×K class logits of the maps ``X``."""
+        check_is_fitted(self)
+        from featcache.backbones.registry import get_entry
+
+        X = self._maps(X, get_entry(self.identity["backbone"]).maps_shape(self.identity["maps"]))
+        return self._logits(*self._fitted_network(), X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (softmax of the logits), columns in the order of ``classes_``."""
+        z = self.decision_function(X)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each map."""
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_module", None)  # torch modules are rebuilt from the arrays, never pickled
+        return state

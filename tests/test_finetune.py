@@ -1,0 +1,264 @@
+"""Feature maps in the cache (`extract --maps`) and fine-tuning the network above them
+(`fit --model finetune`): the maps, the estimator, and one model through every way of predicting."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from conftest import make_dataset, make_image
+from support import start_featcache
+
+from featcache.backbones.build import build_backbone
+from featcache.bundle import load_bundle, save_bundle
+from featcache.cache import read_cache
+from featcache.cli import main
+from featcache.errors import FeatcacheError
+from featcache.export import export
+from featcache.extract import extract
+from featcache.files import file_sha256
+from featcache.finetune import FinetuneClassifier
+from featcache.fit import evaluate, fit
+from featcache.images import load_pixels, normalize
+from featcache.predictor import Predictor
+
+BACKBONE = "efficientnet_lite0"
+STAGE = 5  # 192x7x7 maps: the last block and the head convolution are trained, in seconds
+MAPS_AGREE = 0.03
+"""Largest probability difference between the model on the cache's float16 maps and on pixels
+(the maps of one are rounded to float16, and the other's network has its BatchNorms folded)."""
+ENGINES_AGREE = 1e-4
+"""Largest probability difference between OpenVINO and PyTorch, and between ONNX and predict."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("finetune") / "data", per_class=8)
+
+
+@pytest.fixture(scope="module")
+def tuned(data, tmp_path_factory):
+    """A cache with the maps of stage 5, and a finetune model fit on it."""
+    root = tmp_path_factory.mktemp("tuned")
+    cache = extract(data, root / "maps.h5", backbone=BACKBONE, maps=STAGE).output
+    result = fit(cache, model="finetune", cv=3, output=root / "models")
+    return cache, result
+
+
+def _stage_output(pixels, stage):
+    """What timm's own network gives after ``blocks[stage]``, unfolded and eager."""
+    import timm
+
+    from featcache.backbones.build import pretrained_network
+
+    ident = build_backbone(BACKBONE, engine="torch", traced=False).identity
+    _, model = pretrained_network(ident)
+    assert isinstance(model, timm.models.efficientnet.EfficientNet)
+    with torch.inference_mode():
+        x = model.bn1(model.conv_stem(normalize(pixels, ident.preprocessing)))
+        for block in model.blocks[: stage + 1]:
+            x = block(x)
+    return x.numpy()
+
+
+@pytest.mark.parametrize("engine", ["openvino", "torch"])
+def test_the_cached_maps_are_the_stage_output_of_the_eager_network(tmp_path, data, engine):
+    out = tmp_path / "maps.h5"
+    result = extract(data, out, backbone=BACKBONE, maps=4, engine=engine)
+    assert result.identity.maps == 4 and result.engine == engine
+    cache = read_cache(out, maps=True)
+    assert cache.maps.dtype == np.float16 and cache.maps.shape == (24, 112, 14, 14)
+    pixels = np.stack([load_pixels(data / p, cache.identity.preprocessing) for p in cache.paths])
+    expected = _stage_output(pixels, 4)
+    scale = np.abs(expected).max()
+    assert np.abs(cache.maps.astype(np.float32) - expected).max() <= 2e-3 * scale
+    # and the pooled features come from the same pass, equal to a cache without maps
+    plain = read_cache(extract(data, tmp_path / "plain.h5", backbone=BACKBONE, engine=engine).output)
+    np.testing.assert_allclose(cache.features, plain.features, rtol=0, atol=1e-5)
+    assert read_cache(out).maps is None  # read only when asked for
+
+
+def test_maps_are_kept_incrementally_and_shown_by_info(tmp_path, data, capsys):
+    out = tmp_path / "maps.h5"
+    first = extract(data, out, backbone=BACKBONE, maps=STAGE)
+    make_image(data / "cat" / "new.jpg", 999)
+    try:
+        again = extract(data, out)  # the recorded settings, maps included
+        assert (first.n_computed, again.n_computed, again.n_reused) == (24, 1, 24)
+        cache = read_cache(out, maps=True)
+        fresh = read_cache(
+            extract(data, tmp_path / "fresh.h5", backbone=BACKBONE, maps=STAGE).output, maps=True
+        )
+        assert cache.paths == fresh.paths
+        np.testing.assert_array_equal(cache.maps, fresh.maps)
+    finally:
+        (data / "cat" / "new.jpg").unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(out)])
+    assert e.value.code == 0
+    assert "maps         stage 5: 192x7x7 float16, 18.4 KiB per image" in capsys.readouterr().out
+
+
+def test_maps_of_a_stage_that_does_not_exist_are_refused(tmp_path, data):
+    with pytest.raises(
+        FeatcacheError, match=r"maps: 7 is not a stage of efficientnet_lite0; use a stage index 0-6"
+    ):
+        extract(data, tmp_path / "x.h5", backbone=BACKBONE, maps=7)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_the_estimator_checks_its_settings_and_its_input(tuned):
+    cache = read_cache(tuned[0], maps=True)
+    X, y = cache.labelled(maps=True)
+    with pytest.raises(ValueError, match=r"lr_max must be a number > 0, got -1"):
+        FinetuneClassifier(cache.identity.to_dict(), lr_max=-1).fit(X, y)
+    with pytest.raises(ValueError, match=r"decay must be one of \('onecycle', 'cosine', 'constant'\)"):
+        FinetuneClassifier(cache.identity.to_dict(), decay="step").fit(X, y)
+    with pytest.raises(ValueError, match=r"identity must be the identity dict of a cache made with --maps"):
+        FinetuneClassifier(None).fit(X, y)
+    with pytest.raises(ValueError, match=r"X must be the N×192×7×7 float maps of stage 5, got \(24, 1280\)"):
+        FinetuneClassifier(cache.identity.to_dict()).fit(cache.labelled()[0], y)
+
+
+def test_fitting_is_seeded_and_reported_epoch_by_epoch(tuned):
+    from featcache.finetune import epoch_progress
+
+    cache = read_cache(tuned[0], maps=True)
+    X, y = cache.labelled(maps=True)
+    seen = []
+    with epoch_progress(seen.append):
+        a = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=1).fit(X, y)
+    b = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=1).fit(X, y)
+    c = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=2).fit(X, y)
+    assert sum(seen) == 4 and seen[: a.n_iter_] == [1] * a.n_iter_
+    assert a.state_.keys() == b.state_.keys()
+    assert all(np.array_equal(a.state_[k], b.state_[k]) for k in a.state_)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert not np.array_equal(a.coef_, c.coef_)
+    # the trained arrays moved away from the pretrained ones
+    assert any(not np.array_equal(a.state_[k], c.state_[k]) for k in a.state_ if k.endswith("weight"))
+
+
+def test_the_model_is_plain_arrays_that_load_with_the_allowlist(tuned):
+    _, result = tuned
+    bundle = load_bundle(result.model_path)
+    assert bundle.family == "finetune" and result.report["best"] == "finetune"
+    assert bundle.identity.tuned.startswith(f"{STAGE}:") and bundle.identity.tuned_stage == STAGE
+    assert bundle.identity.maps is None and bundle.identity.feature_dim == 1280
+    assert bundle.top and all(type(v) is np.ndarray for v in bundle.top.values())
+    clf = bundle.pipeline.steps[-1][1]  # unpickled through the allowlist: arrays and estimators only
+    assert isinstance(clf, FinetuneClassifier) and not hasattr(clf, "_module")
+    assert all(np.array_equal(clf.state_[k], bundle.top[k]) for k in bundle.top)
+    assert bundle.card()["backbone"]["fine_tuned_after_stage"] == STAGE
+    # an older featcache, which would ignore the fine-tuned weights, is told to upgrade
+    from featcache.bundle import safe_load
+
+    raw = safe_load(open(result.model_path, "rb").read())
+    assert raw["format_version"] == 4
+
+
+def test_fine_tuned_weights_that_are_not_the_recorded_ones_are_refused(tuned, tmp_path):
+    bundle = load_bundle(tuned[1].model_path)
+    key = next(k for k in bundle.top if k.endswith("weight"))
+    bundle.top[key] = bundle.top[key] + 1
+    with pytest.raises(FeatcacheError, match="its fine-tuned weights are not the recorded ones"):
+        save_bundle(type(bundle).from_dict(bundle.to_dict()), tmp_path / "m.joblib")
+
+
+def test_a_fine_tuned_model_predicts_the_same_everywhere(tuned, data, tmp_path):
+    cache_path, result = tuned
+    model = result.model_path
+    files = sorted(data.rglob("*.jpg"))
+    ov = Predictor.load(model, device="cpu")
+    pt = Predictor.load(model, device="cpu", engine="torch")
+    assert (ov.backbone.engine, pt.backbone.engine) == ("openvino", "torch")
+    p_ov, p_pt = ov.predict_proba(files), pt.predict_proba(files)
+    assert np.abs(p_ov - p_pt).max() <= ENGINES_AGREE
+
+    # the pipeline on the cached maps (what cross-validation scored) against the pixels
+    cache = read_cache(cache_path, maps=True)
+    bundle = load_bundle(model)
+    on_maps = bundle.pipeline.predict_proba(cache.maps)
+    order = [cache.paths.index(str(f.relative_to(data))) for f in files]
+    assert np.abs(on_maps[order] - p_ov).max() <= MAPS_AGREE
+    assert (on_maps[order].argmax(1) == p_ov.argmax(1)).all()
+
+    # evaluate: a folder is classified as predict does; the cache through the pipeline
+    on_folder = evaluate(data, model)
+    assert on_folder.predicted == [ov.names[i] for i in p_ov.argmax(1)]
+    on_cache = evaluate(cache_path, model)
+    assert on_cache.accuracy == on_folder.accuracy
+
+    # one ONNX file with the trunk and the fine-tuned top
+    onnx_path = tmp_path / "tuned.onnx"
+    done = export(model, onnx_path, check_pixels=np.stack([load_pixels(f, bundle.identity.preprocessing)
+                                                            for f in files]))  # fmt: skip
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    pixels = np.stack([load_pixels(f, bundle.identity.preprocessing) for f in files])
+    got = session.run(["probabilities"], {"pixels": pixels})[0]
+    assert done.max_difference <= ENGINES_AGREE and np.abs(got - p_ov).max() <= ENGINES_AGREE
+    assert json.loads(session.get_modelmeta().custom_metadata_map["featcache.identity"])["tuned"]
+
+
+def test_predicting_needs_no_torch_once_converted_and_rebuilds_without_it(tuned, data, tmp_path):
+    model = tuned[1].model_path
+    image = str(sorted(data.rglob("*.jpg"))[0])
+    code = (
+        "import sys, json; from featcache.predictor import Predictor\n"
+        f"p = Predictor.load({str(model)!r}, device='cpu')\n"
+        f"out = [p.predict_proba({image!r}).tolist(), 'torch' in sys.modules, p.backbone.engine]\n"
+        "print(json.dumps(out))\n"
+    )
+    converted = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proba, torch_loaded, engine = json.loads(converted.stdout)
+    assert (torch_loaded, engine) == (False, "openvino")  # fit converted and saved the network
+    # on a machine where nothing was converted, the bundle's arrays rebuild it
+    env = {**os.environ, "FEATCACHE_CACHE_DIR": str(tmp_path / "empty-cache")}
+    rebuilt = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    proba2, torch_loaded2, _ = json.loads(rebuilt.stdout)
+    assert torch_loaded2 and np.abs(np.array(proba) - np.array(proba2)).max() <= ENGINES_AGREE
+
+
+def test_all_includes_finetune_when_the_cache_keeps_maps(tmp_path, data):
+    cache = extract(data, tmp_path / "m6.h5", backbone=BACKBONE, maps=6).output
+    report = fit(cache, model="all", cv=2, output=tmp_path / "models").report
+    assert list(report["families"]) == ["logreg", "linsvm", "softmax", "finetune"]
+    assert report["families"]["finetune"]["fits"] == 2 * 2
+    plain = extract(data, tmp_path / "plain.h5", backbone=BACKBONE).output
+    assert "finetune" not in fit(plain, model="all", cv=2, output=tmp_path / "m2").report["families"]
+    with pytest.raises(
+        FeatcacheError, match=r"keeps no feature maps to fine-tune on: extract with --maps STAGE"
+    ):
+        fit(plain, model="finetune", cv=2, output=tmp_path / "m3")
+
+
+@pytest.mark.slow
+def test_a_fit_killed_while_it_trains_leaves_the_old_model(tuned, tmp_path):
+    cache_path, result = tuned
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in os.listdir(result.model_path.parent):
+        (models / name).write_bytes((result.model_path.parent / name).read_bytes())
+    before = file_sha256(models / "best.joblib")
+    proc = start_featcache(["fit", cache_path, "--model", "finetune", "--cv", "3", "-o", models],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline, seen = time.monotonic() + 120, b""
+    os.set_blocking(proc.stderr.fileno(), False)
+    while b"epoch" not in seen:  # the bar is moving: training is under way
+        assert proc.poll() is None, seen.decode()
+        assert time.monotonic() < deadline, "training never started"
+        seen += proc.stderr.read() or b""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert file_sha256(models / "best.joblib") == before
+    assert load_bundle(models).family == "finetune"
+    assert not list(models.glob(".*.tmp-*"))
