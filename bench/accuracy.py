@@ -9,9 +9,14 @@ images with the set's own ``--layers``, the second of two runs (the first conver
 Needs the Debian package dataset-fashion-mnist. Folders and caches stay in ``--workdir``
 (git-ignored), so a rerun only refits.
 
+``--maps 4,5`` adds ``finetune`` rows: for each stage, train and test caches that keep its
+maps (``extract --maps``), ``fit --model finetune`` on the training maps (CV picks the setting),
+scored on the test cache's maps; with the fit time (CV and refit) and the cache per image.
+
     python bench/accuracy.py                                    # Lite0/1/2 x last/multi x 3 families
     python bench/accuracy.py --search --backbones efficientnet_lite0 --families logreg
     python bench/accuracy.py --precision bf16
+    python bench/accuracy.py --maps 4,5   # + fine-tuning rows for Lite0 (--finetune-backbones)
 """
 
 from __future__ import annotations
@@ -64,11 +69,19 @@ def sliced(source: Path, target: Path, entry, everything: str, layers: str) -> P
     return target
 
 
-def speed(folder: Path, work: Path, backbone: str, layers: str, precision: str) -> float:
+def speed(
+    folder: Path, work: Path, backbone: str, layers: str, precision: str, maps: int | None = None
+) -> float:
     out = work / "speed.h5"
     for _ in range(2):
-        result = extract(folder, out, backbone=backbone, layers=layers, precision=precision, overwrite=True)
+        result = extract(folder, out, backbone=backbone, layers=layers, maps=maps, precision=precision,
+                         overwrite=True)  # fmt: skip
     return result.n_images / result.seconds
+
+
+def per_image_kib(cache: Path) -> float:
+    """Bytes of the cache file per image, in KiB."""
+    return cache.stat().st_size / len(read_cache(cache)) / 1024
 
 
 def main() -> None:
@@ -82,6 +95,10 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true", help="skip the extraction speed runs")
     parser.add_argument("--cv", type=int, default=5)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction precision")
+    parser.add_argument("--maps", default="", help="stages to fine-tune above (comma-separated), e.g. 4,5")
+    parser.add_argument(
+        "--finetune-backbones", default="efficientnet_lite0", help="backbones --maps applies to"
+    )
     args = parser.parse_args()
     print(cpu_line(), flush=True)
     print("command: python bench/accuracy.py " + " ".join(sys.argv[1:]), flush=True)
@@ -116,23 +133,60 @@ def main() -> None:
             train = sliced(caches["train"], work / "sliced" / f"train-{tag}.h5", entry, everything, layers)
             test = sliced(caches["test"], work / "sliced" / f"test-{tag}.h5", entry, everything, layers)
             dim = read_cache(train).identity.feature_dim
+            kib = per_image_kib(train)
             for family in args.families.split(","):
-                fitted = fit(train, model=family, cv=args.cv, output=work / "models" / tag / family)
-                r = fitted.report["families"][family]
-                scores = evaluate(test, fitted.model_path)
-                params = ", ".join(f"{k.split('__')[-1]}={v:g}" for k, v in r["best_params"].items())
-                rows.append((backbone, shown, dim, family, params, r, scores.accuracy, img_s))
-                print(f"  {backbone} {shown} {family}: CV {100 * r['cv_accuracy_mean']:.2f}, "
-                      f"test {100 * scores.accuracy:.2f} %, {img_s:.0f} img/s", flush=True)  # fmt: skip
+                rows.append(scored(train, test, family, args.cv, work / "models" / tag / family,
+                                   (backbone, shown, dim), img_s, kib))  # fmt: skip
+        stages = [int(s) for s in args.maps.split(",") if s]
+        for stage in stages if backbone in args.finetune_backbones.split(",") else []:
+            c, h, w = entry.maps_shape(stage)
+            caches = {}
+            for name, folder in (("train", train_dir), ("test", test_dir)):
+                caches[name] = (
+                    work
+                    / f"{name}{args.per_class if name == 'train' else ''}-{backbone}-maps{stage}{suffix}.h5"
+                )
+                result = extract(
+                    folder, caches[name], backbone=backbone, maps=stage, precision=args.precision
+                )
+                print(f"extract {backbone} {name} maps {stage}: {result.n_images} images "
+                      f"({result.n_computed} computed) in {result.seconds:.0f} s", flush=True)  # fmt: skip
+            img_s = (
+                float("nan")
+                if args.no_speed
+                else speed(speed_dir, work, backbone, "last", args.precision, stage)
+            )
+            tag = f"{backbone}-maps{stage}{suffix}"
+            rows.append(scored(caches["train"], caches["test"], "finetune", args.cv, work / "models" / tag,
+                               (backbone, f"maps after stage {stage}", f"{c}×{h}×{w}"), img_s,
+                               per_image_kib(caches["train"])))  # fmt: skip
 
     print(f"\nFashion-MNIST, {args.per_class} training images per class, {args.cv}-fold CV on them; "
           f"test set: the official 10,000; extraction precision {args.precision}")  # fmt: skip
-    print("| backbone | layers | features | family | chosen | CV accuracy | test accuracy | extract img/s |")
-    print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: |")
-    for backbone, shown, dim, family, params, r, acc, img_s in rows:
+    print("| backbone | layers | features | family | chosen | CV accuracy | test accuracy "
+          "| fit s (CV + refit) | cache KiB/image | extract img/s |")  # fmt: skip
+    print("| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for backbone, shown, dim, family, params, r, acc, seconds, kib, img_s in rows:
         cv_acc = f"{100 * r['cv_accuracy_mean']:.2f} ± {100 * r['cv_accuracy_std']:.2f}"
-        cells = [backbone, shown, dim, family, params, cv_acc, f"{100 * acc:.2f} %", f"{img_s:.0f}"]
+        cells = [backbone, shown, dim, family, params, cv_acc, f"{100 * acc:.2f} %", f"{seconds:.0f}",
+                 f"{kib:.1f}", f"{img_s:.0f}"]  # fmt: skip
         print("| " + " | ".join(map(str, cells)) + " |")
+
+
+def scored(
+    train: Path, test: Path, family: str, cv: int, output: Path, what: tuple, img_s: float, kib: float
+):
+    """Fit ``family`` on ``train`` (CV), score it on ``test``; one table row."""
+    started = time.perf_counter()
+    fitted = fit(train, model=family, cv=cv, output=output)
+    seconds = time.perf_counter() - started
+    r = fitted.report["families"][family]
+    scores = evaluate(test, fitted.model_path)
+    params = ", ".join(f"{k.split('__')[-1]}={v:g}" for k, v in r["best_params"].items())
+    print(f"  {' '.join(map(str, what))} {family}: CV {100 * r['cv_accuracy_mean']:.2f}, "
+          f"test {100 * scores.accuracy:.2f} %, fit {seconds:.0f} s, {img_s:.0f} img/s",
+          flush=True)  # fmt: skip
+    return (*what, family, params, r, scores.accuracy, seconds, kib, img_s)
 
 
 if __name__ == "__main__":

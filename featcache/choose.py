@@ -2,7 +2,9 @@
 
 Each candidate extracts the same sample (``per_class`` images of every class, a seeded choice
 that grows by adding images, so a larger sample reuses a smaller one's), and logistic regression
-is cross-validated on its features exactly as ``fit`` does. The sample caches are kept (in
+is cross-validated on its features exactly as ``fit`` does; a ``finetune:STAGE`` candidate keeps
+the maps of that stage and cross-validates ``finetune`` on them instead (minutes, not seconds:
+its fit time and cache size are reported beside the accuracy). The sample caches are kept (in
 :func:`featcache.files.user_cache_dir` unless told otherwise), so a rerun only refits.
 """
 
@@ -27,25 +29,47 @@ from featcache.files import user_cache_dir
 
 SEPARATOR = "@"
 """Between a candidate's backbone and layers: ``efficientnet_lite2@multi``, ``timm:resnet50@last``."""
+FINETUNE = "finetune:"
+"""Before a stage, in place of layers: ``efficientnet_lite0@finetune:5`` fine-tunes above stage 5."""
+DEFAULT_FINETUNE = ("efficientnet_lite0", 5)
+"""The fine-tuning candidate tried by default: the cheaper of the two stages the README measures."""
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A backbone and the layers to pool from it (``last``, ``multi`` or stage indices and ``last``)."""
+    """A backbone and the layers to pool from it (``last``, ``multi`` or stage indices and ``last``),
+    or with ``maps`` set, the network above that stage fine-tuned on its cached maps."""
 
     backbone: str
     layers: str = LAST
+    maps: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
-        """``BACKBONE`` or ``BACKBONE@LAYERS``."""
+        """``BACKBONE``, ``BACKBONE@LAYERS`` or ``BACKBONE@finetune:STAGE``."""
         backbone, _, layers = text.strip().partition(SEPARATOR)
         if not backbone:
-            raise FeatcacheError(f"candidate {text!r}: expected BACKBONE or BACKBONE{SEPARATOR}LAYERS")
-        return cls(backbone, layers.strip() or LAST)
+            raise FeatcacheError(
+                f"candidate {text!r}: expected BACKBONE, BACKBONE{SEPARATOR}LAYERS or "
+                f"BACKBONE{SEPARATOR}{FINETUNE}STAGE"
+            )
+        layers = layers.strip()
+        if layers.lower().startswith(FINETUNE):
+            stage = layers[len(FINETUNE) :]
+            if not stage.isdigit():
+                raise FeatcacheError(
+                    f"candidate {text!r}: {FINETUNE}STAGE needs a stage index, got {stage!r}"
+                )
+            return cls(backbone, LAST, int(stage))
+        return cls(backbone, layers or LAST)
+
+    @property
+    def family(self) -> str:
+        """The model family cross-validated for this candidate."""
+        return "logreg" if self.maps is None else "finetune"
 
     def __str__(self) -> str:
-        return f"{self.backbone}{SEPARATOR}{self.layers}"
+        return f"{self.backbone}{SEPARATOR}{self.layers if self.maps is None else f'{FINETUNE}{self.maps}'}"
 
 
 @dataclass
@@ -61,6 +85,8 @@ class Scored:
     engine: str
     cache: Path
     n_computed: int = 0
+    fit_seconds: float = 0.0
+    kib_per_image: float = 0.0
 
     def extract_command(self, data_dir: str | os.PathLike) -> str:
         """The ``featcache extract`` command line that makes these features for the whole folder."""
@@ -68,7 +94,13 @@ class Scored:
         args = ["featcache", "extract", str(data_dir), "--backbone", self.candidate.backbone]
         if layers != LAST:
             args += ["--layers", layers]
+        if self.candidate.maps is not None:
+            args += ["--maps", str(self.candidate.maps)]
         return shlex.join(args)
+
+    def fit_command(self) -> str:
+        """The ``featcache fit`` command line for the cache :meth:`extract_command` makes."""
+        return "featcache fit" + (" --model finetune" if self.candidate.maps is not None else "")
 
 
 @dataclass
@@ -88,10 +120,14 @@ class ChooseResult:
 
 
 def default_candidates() -> list[Candidate]:
-    """The backbones whose weights are on this machine, each with ``last`` and ``multi`` layers."""
+    """The backbones whose weights are on this machine, each with ``last`` and ``multi`` layers,
+    and :data:`DEFAULT_FINETUNE` when its backbone is one of them."""
     from featcache.backbones.weights import installed_backbones
 
-    return [Candidate(name, layers) for name in installed_backbones() for layers in (LAST, MULTI)]
+    installed = installed_backbones()
+    wanted = [Candidate(name, layers) for name in installed for layers in (LAST, MULTI)]
+    backbone, stage = DEFAULT_FINETUNE
+    return wanted + ([Candidate(backbone, LAST, stage)] if backbone in installed else [])
 
 
 def sample(dataset: Dataset, per_class: int, seed: int = 0) -> list[str]:
@@ -142,7 +178,10 @@ def choose(
         )
     for candidate in wanted:  # a mistyped candidate fails before any work
         try:
-            get_entry(candidate.backbone).resolve_layers(candidate.layers)
+            entry = get_entry(candidate.backbone)
+            entry.resolve_layers(candidate.layers)
+            if candidate.maps is not None:
+                entry.check_maps(candidate.maps)
         except ValueError as e:
             raise FeatcacheError(f"candidate {candidate}: {e}") from None
     dataset = scan(data_dir)
@@ -160,14 +199,14 @@ def choose(
             if on_progress:
                 on_progress(candidate, progress)
 
-        settings = dict(backbone=candidate.backbone, layers=candidate.layers, batch_size=batch_size,
-                        device=device, engine=engine, on_progress=report)  # fmt: skip
+        settings = dict(backbone=candidate.backbone, layers=candidate.layers, maps=candidate.maps,
+                        batch_size=batch_size, device=device, engine=engine, on_progress=report)  # fmt: skip
         try:
             result = extract(data_dir, output, files=keep, **settings)
         except CacheMismatchError:  # made with other settings (another release's multi, other weights)
             result = extract(data_dir, output, files=files, overwrite=True, **settings)
-        cache = read_cache(output)
-        X, y = cache.labelled(files)
+        cache = read_cache(output, maps=candidate.maps is not None)
+        X, y = cache.labelled(files, maps=candidate.maps is not None)
         counts = np.unique(y, return_counts=True)[1]
         if counts.min() < cv:
             raise FeatcacheError(
@@ -175,11 +214,14 @@ def choose(
                 "raise per_class, or lower cv"
             )
         folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
-        scores, _ = cross_validate_family("logreg", X, y, folds, seed)
+        fixed = {"clf__identity": cache.identity.to_dict()} if candidate.maps is not None else None
+        scores, _ = cross_validate_family(candidate.family, X, y, folds, seed, fixed)
         speed = _images_per_second(cache.identity, dataset.subset(files), device, engine, batch_size)
+        kib = output.stat().st_size / len(cache) / 1024
         scored.append(
             Scored(candidate, result.identity.layers, result.identity.feature_dim, scores["cv_accuracy_mean"],
-                   scores["cv_accuracy_std"], speed, result.engine, output, result.n_computed)
+                   scores["cv_accuracy_std"], speed, result.engine, output, result.n_computed,
+                   scores["fit_seconds"], kib)
         )  # fmt: skip
     scored.sort(key=lambda s: (-round(s.cv_accuracy_mean, 9), s.feature_dim, -s.images_per_second))
     return ChooseResult(scored, len(files), len(classes), cv, work)

@@ -281,8 +281,9 @@ def extract(
     "candidates",
     multiple=True,
     metavar="BACKBONE[@LAYERS]",
-    help="Also try this backbone with these layers (e.g. efficientnet_lite2@multi, timm:resnet50@last); "
-    "repeatable. Always tried: every backbone whose weights are installed, with last and multi.",
+    help="Also try this backbone with these layers (e.g. efficientnet_lite2@multi, timm:resnet50@last), "
+    "or fine-tuned above a stage (efficientnet_lite0@finetune:4); repeatable. Always tried: every "
+    "backbone whose weights are installed, with last and multi, and efficientnet_lite0@finetune:5.",
 )
 @click.option("--only", is_flag=True, help="Try the --candidate backbones alone, not the installed ones too.")
 @click.option(
@@ -318,8 +319,9 @@ def choose(
     """Measure which backbone and layers suit DATA_DIR, on a stratified sample of it.
 
     Each candidate extracts the same sample once (kept for reruns; a larger --per-class reuses
-    it), and logistic regression is cross-validated on its features as 'fit' does. Prints a
-    table, best first, and the 'featcache extract' command for the best.
+    it), and logistic regression is cross-validated on its features as 'fit' does (a finetune
+    candidate: fine-tuning on its maps, which takes minutes). Prints a table, best first, with
+    each candidate's CV fit time and cache size, and the commands for the best.
     """
     from featcache.choose import Candidate, default_candidates
     from featcache.choose import choose as run_choose
@@ -347,7 +349,9 @@ def choose(
             {"backbone": s.candidate.backbone, "layers": s.layers, "asked": s.candidate.layers,
              "feature_dim": s.feature_dim, "cv_accuracy_mean": s.cv_accuracy_mean,
              "cv_accuracy_std": s.cv_accuracy_std, "images_per_second": s.images_per_second,
-             "engine": s.engine, "computed": s.n_computed, "command": s.extract_command(data_dir)}
+             "engine": s.engine, "computed": s.n_computed, "model": s.candidate.family,
+             "fit_seconds": s.fit_seconds, "kib_per_image": s.kib_per_image,
+             "command": s.extract_command(data_dir), "fit_command": s.fit_command()}
             for s in result.scored
         ]  # fmt: skip
         out = {"n_images": result.n_images, "n_classes": result.n_classes, "cv": result.cv,
@@ -356,18 +360,21 @@ def choose(
         return
     click.echo(
         f"{result.n_images} images ({result.n_classes} classes, up to {per_class} each), "
-        f"logistic regression, {cv}-fold CV:"
+        f"logistic regression (finetune: fine-tuning on the maps), {cv}-fold CV:"
     )
     width = max(len(str(s.candidate)) for s in result.scored)
-    click.echo(f"  {'candidate':<{width}}  {'CV accuracy':>15}  {'features':>8}  {'img/s':>6}")
+    heading = f"{'CV accuracy':>15}  {'features':>8}  {'img/s':>6}  {'CV fit s':>8}  {'KiB/image':>9}"
+    click.echo(f"  {'candidate':<{width}}  {heading}")
     for s in result.scored:
         acc = f"{100 * s.cv_accuracy_mean:.1f} ± {100 * s.cv_accuracy_std:.1f} %"
         click.echo(
             f"  {str(s.candidate):<{width}}  {acc:>15}  {s.feature_dim:>8}  {s.images_per_second:>6.0f}"
+            f"  {s.fit_seconds:>8.1f}  {s.kib_per_image:>9.1f}"
         )
     click.echo("(img/s: decoding and embedding on this machine; a difference within ± is noise)")
-    click.echo(f"best: {result.best.candidate}. To extract the whole folder with it:")
+    click.echo(f"best: {result.best.candidate}. To extract the whole folder with it, and fit:")
     click.echo(f"  {result.best.extract_command(data_dir)}")
+    click.echo(f"  {result.best.fit_command()}")
 
 
 @cli.command()

@@ -72,12 +72,27 @@ def test_a_read_only_folder_is_refused_up_front(tmp_path):
         (["serve", "--model-path", "missing"], "missing: no such model"),
         (["choose", "missing_dir"], "missing_dir: no such folder"),
         (["choose", ".", "--only", "--candidate", "no_such_net"], "unknown backbone 'no_such_net'"),
+        (
+            ["choose", ".", "--only", "--candidate", "efficientnet_lite0@finetune:8"],
+            "maps: 8 is not a stage of efficientnet_lite0",
+        ),
     ],
 )
 def test_a_missing_input_is_one_error_line_for_every_command(tmp_path, args, fragment):
     (tmp_path / "a_file.png").write_bytes(b"")
     run = run_featcache(args, timeout=120, cwd=tmp_path)
     _one_error_line(run, fragment)
+
+
+def test_fine_tuning_a_cache_without_maps_is_one_error_line(tmp_path):
+    cache = synthetic_cache(tmp_path / "f.h5")
+    run = run_featcache(["fit", cache, "--model", "finetune", "-o", tmp_path / "m"], timeout=120)
+    _one_error_line(run, "keeps no feature maps to fine-tune on: extract with --maps STAGE")
+    data = make_dataset(tmp_path / "data", per_class=2)
+    run = run_featcache(["extract", data, "--backbone", "efficientnet_lite0", "--maps", "7"], timeout=120,
+                        cwd=tmp_path)  # fmt: skip
+    _one_error_line(run, "maps: 7 is not a stage of efficientnet_lite0; use a stage index 0-6")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "features.h5").exists()
 
 
 def test_debug_works_before_and_after_the_command(tmp_path):

@@ -262,3 +262,23 @@ def test_a_fit_killed_while_it_trains_leaves_the_old_model(tuned, tmp_path):
     assert file_sha256(models / "best.joblib") == before
     assert load_bundle(models).family == "finetune"
     assert not list(models.glob(".*.tmp-*"))
+
+
+def test_choose_weighs_fine_tuning_against_linear_features(tmp_path, data):
+    from featcache.choose import Candidate, choose
+
+    work = tmp_path / "work"
+    candidates = ["efficientnet_lite0@last", "efficientnet_lite0@finetune:6"]
+    result = choose(data, candidates, per_class=6, cv=2, workdir=work)
+    by_name = {str(s.candidate): s for s in result.scored}
+    tuned, linear = by_name["efficientnet_lite0@finetune:6"], by_name["efficientnet_lite0@last"]
+    assert tuned.candidate.family == "finetune" and linear.candidate.family == "logreg"
+    assert tuned.fit_seconds > 0 and linear.fit_seconds > 0
+    assert tuned.kib_per_image > linear.kib_per_image + 15  # 320x7x7 float16 maps: 30.6 KiB more
+    assert read_cache(tuned.cache).identity.maps == 6
+    assert tuned.extract_command(data).endswith("--backbone efficientnet_lite0 --maps 6")
+    assert tuned.fit_command() == "featcache fit --model finetune"
+    with pytest.raises(FeatcacheError, match="finetune:STAGE needs a stage index, got 'x'"):
+        Candidate.parse("efficientnet_lite0@finetune:x")
+    with pytest.raises(FeatcacheError, match="maps: 9 is not a stage of efficientnet_lite0"):
+        choose(data, ["efficientnet_lite0@finetune:9"], per_class=6, cv=2, workdir=work)

@@ -319,7 +319,7 @@ def test_choose_refuses_what_cannot_work(tmp_path):
     data = make_dataset(tmp_path / "data", classes=("cat", "dog"), per_class=3)
     with pytest.raises(FeatcacheError, match="fewer than cv=5"):
         choose(data, ["efficientnet_lite0"], per_class=3, workdir=tmp_path / "w", engine="torch")
-    with pytest.raises(FeatcacheError, match="expected BACKBONE or BACKBONE@LAYERS"):
+    with pytest.raises(FeatcacheError, match="expected BACKBONE, BACKBONE@LAYERS or BACKBONE@finetune:STAGE"):
         Candidate.parse("@multi")
 
 
