@@ -282,7 +282,7 @@ def _finetuned_bundle(final: Any, cache: Any, folders: list[str], report: dict[s
         report=report,
         top=clf.state_,
     )
-    build_backbone(identity, device="cpu", top=clf.state_)
+    build_backbone(identity, device="auto", top=clf.state_)
     return bundle
 
 
