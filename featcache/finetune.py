@@ -67,7 +67,8 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
     label_smoothing : cross-entropy label smoothing in [0, 1).
     batch_size : maps per step.
     augment : flip each training map horizontally with probability 1/2.
-    validation_fraction : share of the training data held out for early stopping (0: none).
+    validation_fraction : share of the training data held out for early stopping (0: none, the
+        whole schedule runs on all the data; the ``finetune`` family's grid tries both).
     patience : epochs without a better validation loss before training stops. With a ``constant``
         rate, a ``ConvergenceWarning`` says when the loss was still improving after all epochs.
     random_state : seed of the initialisation, the shuffling, the flips and the validation split.
@@ -85,7 +86,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         label_smoothing: float = 0.1,
         batch_size: int = 64,
         augment: bool = True,
-        validation_fraction: float = 0.1,
+        validation_fraction: float = 0.0,
         patience: int = 5,
         random_state: int | None = 0,
         device: str = "auto",
