@@ -85,10 +85,9 @@ def fit(
         raise FeatcacheError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if not isinstance(cv, int) or cv < 2:
         raise FeatcacheError(f"cv must be an integer >= 2, got {cv!r}")
-    if model == "finetune" or (model == "all" and _has_maps(features)):
+    cache = read_cache(features)
+    if model in ("finetune", "all") and cache.identity.maps is not None:
         cache = read_cache(features, maps=True)
-    else:
-        cache = read_cache(features)
     if model == "finetune" and cache.maps is None:
         raise FeatcacheError(
             f"{features} keeps no feature maps to fine-tune on: extract with --maps STAGE "
@@ -130,6 +129,7 @@ def fit(
     with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
         with epochs.counting():
             final.fit(inputs, y)
+    epochs.finish()
     pred = oof[chosen]
     report = {
         "best": chosen,
@@ -216,11 +216,6 @@ def cross_validate_family(
     return report, best_pred
 
 
-def _has_maps(features: str | os.PathLike) -> bool:
-    """Whether the cache at ``features`` keeps feature maps (read from its identity alone)."""
-    return read_cache(features).identity.maps is not None
-
-
 class _EpochCounter:
     """Turns fine-tuning's epochs into ``on_epoch(done, total)`` over the whole fit: every setting
     and fold of the ``maps`` families, and the refit."""
@@ -250,6 +245,12 @@ class _EpochCounter:
 
         with epoch_progress(advance):
             yield
+
+    def finish(self) -> None:
+        """Count the epochs that will not run (the refit of a family that is not fine-tuned)."""
+        if self.on_epoch is not None and self.total and self.done < self.total:
+            self.done = self.total
+            self.on_epoch(self.done, self.total)
 
 
 def _finetuned_bundle(final: Any, cache: Any, folders: list[str], report: dict[str, Any]) -> ModelBundle:

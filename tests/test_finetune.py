@@ -282,3 +282,19 @@ def test_choose_weighs_fine_tuning_against_linear_features(tmp_path, data):
         Candidate.parse("efficientnet_lite0@finetune:x")
     with pytest.raises(FeatcacheError, match="maps: 9 is not a stage of efficientnet_lite0"):
         choose(data, ["efficientnet_lite0@finetune:9"], per_class=6, cv=2, workdir=work)
+
+
+def test_serve_answers_for_a_fine_tuned_model(tuned, data):
+    import httpx
+    from support import serving
+
+    model = tuned[1].model_path
+    paths = sorted(data.rglob("*.jpg"))[:5]
+    expected = [p.to_dict() for p in Predictor.load(model).predict_files(paths)]
+    with serving(model) as url:
+        files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+        got = httpx.post(f"{url}/predict", files=files, timeout=60).json()
+        card = httpx.get(f"{url}/model", timeout=60).json()
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [g["probability"] for g in got] == pytest.approx([e["probability"] for e in expected], abs=1e-6)
+    assert card["family"] == "finetune" and card["backbone"]["fine_tuned_after_stage"] == STAGE
