@@ -298,3 +298,27 @@ def test_serve_answers_for_a_fine_tuned_model(tuned, data):
     assert [g["label"] for g in got] == [e["label"] for e in expected]
     assert [g["probability"] for g in got] == pytest.approx([e["probability"] for e in expected], abs=1e-6)
     assert card["family"] == "finetune" and card["backbone"]["fine_tuned_after_stage"] == STAGE
+
+
+def test_an_interrupted_extraction_with_maps_resumes_where_it_stopped(tmp_path, data):
+    from featcache.errors import Interrupted
+
+    reference = read_cache(
+        extract(data, tmp_path / "ref.h5", backbone=BACKBONE, maps=STAGE).output, maps=True
+    )
+    out = tmp_path / "maps.h5"
+
+    def stop_after_the_second_batch(progress):
+        if progress.done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        extract(
+            data, out, backbone=BACKBONE, maps=STAGE, batch_size=4, on_progress=stop_after_the_second_batch
+        )
+    assert not out.exists()
+    resumed = extract(data, out, backbone=BACKBONE, maps=STAGE, batch_size=4)
+    assert resumed.n_computed == 24 - 8
+    cache = read_cache(out, maps=True)
+    assert cache.paths == reference.paths
+    np.testing.assert_array_equal(cache.maps, reference.maps)
