@@ -46,6 +46,19 @@ def test_a_local_cluster_gives_the_single_process_cache(data, tmp_path):
     assert not (tmp_path / "many.h5.shards").exists()
 
 
+def test_maps_come_back_from_the_cluster_as_from_one_process(data, tmp_path):
+    single = read_cache(extract(data, tmp_path / "one.h5", maps=5, **LITE).output, maps=True)
+    result = extract(data, tmp_path / "many.h5", maps=5, scheduler="local:2", shard_size=4, **LITE)
+    many = read_cache(result.output, maps=True)
+    _same(many, single)
+    assert many.identity.maps == 5
+    np.testing.assert_allclose(
+        many.maps.astype(np.float32), single.maps.astype(np.float32), rtol=0, atol=1e-2
+    )
+    with pytest.raises(FeatcacheError, match="virtual=True indexes features only"):
+        extract(data, tmp_path / "v.h5", maps=5, scheduler="local:2", virtual=True, **LITE)
+
+
 def test_a_rerun_computes_only_what_changed(data, tmp_path):
     out = tmp_path / "features.h5"
     extract(data, out, scheduler="local:2", shard_size=4, **LITE)
