@@ -322,3 +322,16 @@ def test_an_interrupted_extraction_with_maps_resumes_where_it_stopped(tmp_path, 
     cache = read_cache(out, maps=True)
     assert cache.paths == reference.paths
     np.testing.assert_array_equal(cache.maps, reference.maps)
+
+
+@pytest.mark.filterwarnings("ignore:mobilenet_v2 uses random weights")
+def test_mobilenet_v2_is_fine_tuned_above_its_stages_too(tmp_path, data):
+    cache = extract(data, tmp_path / "m.h5", backbone="mobilenet_v2", weights="random", maps=5).output
+    maps = read_cache(cache, maps=True)
+    assert maps.maps.shape == (24, 160, 7, 7)
+    model = fit(cache, model="finetune", cv=2, output=tmp_path / "models").model_path
+    files = sorted(data.rglob("*.jpg"))
+    on_pixels = Predictor.load(model, device="cpu").predict_proba(files)
+    on_maps = load_bundle(model).pipeline.predict_proba(maps.maps)
+    order = [maps.paths.index(str(f.relative_to(data))) for f in files]
+    assert np.abs(on_maps[order] - on_pixels).max() <= MAPS_AGREE
