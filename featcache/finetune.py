@@ -27,6 +27,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.validation import check_params
+
 SCHEDULES = ("onecycle", "cosine", "constant")
 _on_epoch: list[Callable[[int], None]] = []
 
@@ -112,8 +114,6 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         return torch.device(resolve_device(self.device))
 
     def _check_params(self) -> None:
-        from featcache.models import _validate
-
         checks = [
             ("identity", isinstance(self.identity, dict) and self.identity.get("maps") is not None,
              "the identity dict of a cache made with --maps"),
@@ -129,7 +129,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
             ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of ('auto', 'cpu', 'cuda')"),
         ]  # fmt: skip
-        _validate(self, checks)
+        check_params(self, checks)
 
     def _maps(self, X: Any, shape: tuple[int, ...]) -> np.ndarray:
         X = np.asarray(X)

@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.choices import FAMILIES as FAMILY_NAMES
 from featcache.head import LinearHead
+from featcache.validation import check_params
 
 DECAYS = ("constant", "cosine", "square")
 
@@ -32,13 +33,6 @@ def _softmax_rows(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _validate(estimator: BaseEstimator, checks: list[tuple[str, bool, str]]) -> None:
-    """Raise for the first ``(name, ok, allowed)`` that is not ok, naming the value and what is allowed."""
-    for name, ok, allowed in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {allowed}, got {getattr(estimator, name)!r}")
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -101,7 +95,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
             ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
         ]
-        _validate(self, checks)
+        check_params(self, checks)
 
     def _lr(self, epoch: int) -> float:
         t = epoch / self.epochs
@@ -234,7 +228,7 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             ("max_iter", isinstance(self.max_iter, int) and self.max_iter >= 1, "an integer >= 1"),
             ("tol", isinstance(self.tol, int | float) and self.tol > 0, "a number > 0"),
         ]
-        _validate(self, checks)
+        check_params(self, checks)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
