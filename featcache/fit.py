@@ -91,7 +91,8 @@ def fit(
     if model == "finetune" and cache.maps is None:
         raise FeatcacheError(
             f"{features} keeps no feature maps to fine-tune on: extract with --maps STAGE "
-            f"(e.g. featcache extract DATA_DIR -o {features} --maps 4), or choose another model"
+            f"(e.g. featcache extract DATA_DIR -o maps.h5 --backbone {cache.identity.backbone} --maps 4), "
+            "or choose another model"
         )
     out = writable_folder(output)
     X, y = cache.labelled()
