@@ -31,7 +31,7 @@ import numpy as np
 from joblib.numpy_pickle import NumpyUnpickler
 
 from featcache._version import __version__
-from featcache.backbones.identity import BackboneIdentity, arrays_sha256
+from featcache.backbones.identity import BackboneIdentity, tuned_id
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
@@ -78,7 +78,7 @@ class ModelBundle:
             raise FeatcacheError(
                 "the model bundle is inconsistent: fine-tuned weights without their identity"
             )
-        if self.top is not None and arrays_sha256(self.top) != self.identity.tuned.split(":")[1]:
+        if self.top is not None and tuned_id(self.identity.tuned_stage, self.top) != self.identity.tuned:
             raise FeatcacheError(
                 "the model bundle is inconsistent: its fine-tuned weights are not the recorded ones"
             )

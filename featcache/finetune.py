@@ -140,16 +140,18 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
             )
         return X
 
-    def _network(self, n_classes: int) -> tuple[Any, Any, Any]:
-        """The pretrained part above the stage, and a new linear layer (seeded)."""
+    def _network(self, n_classes: int, state: dict[str, np.ndarray] | None = None) -> tuple[Any, Any, Any]:
+        """The part above the stage (pretrained, or holding ``state``), and a new linear layer (seeded)."""
         import torch
         from torch import nn
 
-        from featcache.backbones.build import pretrained_network
+        from featcache.backbones.build import load_top, pretrained_network
         from featcache.backbones.identity import BackboneIdentity
 
         identity = BackboneIdentity.from_dict(self.identity)
         entry, model = pretrained_network(identity)
+        if state is not None:
+            load_top(entry, model, identity.maps, state)
         top = copy.deepcopy(entry.top(model, identity.maps))
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
         linear = nn.Linear(entry.feature_dim, n_classes)
@@ -288,8 +290,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         import torch
 
         if getattr(self, "_module", None) is None:
-            _, top, linear = self._network(len(self.classes_))
-            top.load_state_dict({k: torch.from_numpy(np.asarray(v)).clone() for k, v in self.state_.items()})
+            _, top, linear = self._network(len(self.classes_), self.state_)
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(self.coef_))
                 linear.bias.copy_(torch.from_numpy(self.intercept_))

@@ -262,7 +262,7 @@ def _finetuned_bundle(final: Any, cache: Any, folders: list[str], report: dict[s
     import dataclasses
 
     from featcache.backbones.build import build_backbone
-    from featcache.backbones.identity import LAST, arrays_sha256
+    from featcache.backbones.identity import LAST, tuned_id
     from featcache.backbones.registry import get_entry
     from featcache.head import LinearHead
 
@@ -271,7 +271,7 @@ def _finetuned_bundle(final: Any, cache: Any, folders: list[str], report: dict[s
     entry = get_entry(cache.identity.backbone)
     identity = dataclasses.replace(
         cache.identity, layers=LAST, pool="avg", feature_dim=entry.feature_dim, maps=None,
-        tuned=f"{stage}:{arrays_sha256(clf.state_)}",
+        tuned=tuned_id(stage, clf.state_),
     )  # fmt: skip
     bundle = ModelBundle.with_pipeline(
         final,

@@ -27,7 +27,7 @@ from featcache.backbones.identity import (
     BackboneEntry,
     BackboneIdentity,
     Embedder,
-    arrays_sha256,
+    tuned_id,
 )
 from featcache.backbones.registry import get_entry
 from featcache.backbones.weights import DownloadProgress, resolve_weights
@@ -256,13 +256,13 @@ def _eager(
         except (RuntimeError, KeyError, ValueError) as e:
             first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
             raise FeatcacheError(f"weights file {path} does not fit backbone {entry.name}: {first}") from None
-    tuned_id = ""
+    fine_tuned = ""
     if tuned is not None and top is not None:
         load_top(entry, model, tuned, top)
-        tuned_id = f"{tuned}:{arrays_sha256(top)}"
+        fine_tuned = tuned_id(tuned, top)
     identity = BackboneIdentity(
         entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool, layers), precision, layers,
-        maps, tuned_id,
+        maps, fine_tuned,
     )  # fmt: skip
     return EagerBackbone(entry, model, identity, optimize=optimize).to(device)
 
@@ -296,17 +296,7 @@ def _read_state(path: Path) -> dict:
 def pretrained_network(identity: BackboneIdentity, download: bool = True) -> tuple[BackboneEntry, nn.Module]:
     """The registry entry and the PyTorch network (as built, eval mode, frozen) with the weights
     that ``identity`` records; a one-line error when the weights at hand are not those."""
-    entry = get_entry(identity.backbone)
-    label, path = RANDOM, None
-    if identity.weights != RANDOM:
-        label, path = resolve_weights(entry, identity.weights, download=download)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FeatcacheWarning)  # random weights: said when they were extracted
-        net = _eager(entry, label, path, identity.pool, identity.layers, "fp32", "cpu", optimize=False,
-                     sha=file_sha256(path) if path is not None else None)  # fmt: skip
-    if net.identity.weights_sha256 != identity.weights_sha256:
-        raise FeatcacheError(
-            f"the {entry.name} weights available here ({label}, {net.identity.weights_sha256[:12]}) are not "
-            f"the ones recorded ({identity.weights}, {identity.weights_sha256[:12]})"
-        )
-    return entry, net.model
+        net = build_backbone(identity, device="cpu", optimize=False, download=download)
+    return get_entry(identity.backbone), net.model

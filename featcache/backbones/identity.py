@@ -172,9 +172,9 @@ class BackboneEntry:
         indices, last = split_layers(self.resolve_layers(layers))
         return sum(self.stages[i].channels for i in indices) + (self.feature_dim if last else 0)
 
-    def check_maps(self, stage: int) -> int:
-        """``stage`` when its maps can be cached and the network above it fine-tuned; else
-        ``ValueError`` saying what is allowed."""
+    def check_maps(self, stage: int) -> None:
+        """Raise ``ValueError``, saying what is allowed, unless the maps of ``stage`` can be cached and
+        the network above it fine-tuned."""
         if self.top is None or not self.stages:
             raise ValueError(f"maps: {self.name} cannot be fine-tuned from cached maps")
         if not isinstance(stage, int) or not 0 <= stage < len(self.stages):
@@ -182,7 +182,6 @@ class BackboneEntry:
                 f"maps: {stage!r} is not a stage of {self.name}; use a stage index 0-{len(self.stages) - 1} "
                 f"(see 'featcache backbones --layers {self.name}')"
             )
-        return stage
 
     def maps_shape(self, stage: int) -> tuple[int, int, int]:
         """Channels, height and width of stage ``stage``'s maps at the input size."""
@@ -211,7 +210,7 @@ class BackboneIdentity:
     pooled layers, concatenated in that order (:meth:`BackboneEntry.resolve_layers` form).
     ``maps`` is the stage whose unpooled maps a cache keeps beside the features (None: none).
     ``tuned`` is ``STAGE:SHA256`` when the network after stage STAGE carries fine-tuned weights
-    (the arrays of a model bundle with that digest, :func:`arrays_sha256`), else empty.
+    (the arrays of a model bundle with that digest, :func:`tuned_id`), else empty.
     """
 
     backbone: str
@@ -275,6 +274,11 @@ class BackboneIdentity:
                     mine, theirs = f"{self.weights} ({mine[:12]})", f"{other.weights} ({theirs[:12]})"
                 out.append(f"{key}: {mine} vs {theirs}")
         return out
+
+
+def tuned_id(stage: int, arrays: Mapping[str, np.ndarray]) -> str:
+    """The ``tuned`` of an identity whose network after ``stage`` holds the fine-tuned ``arrays``."""
+    return f"{stage}:{arrays_sha256(arrays)}"
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
