@@ -18,6 +18,8 @@ from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+
 from featcache.cache import read_cache  # noqa: E402
 from featcache.extract import extract  # noqa: E402
 from featcache.finetune import FinetuneClassifier  # noqa: E402
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/finetune_settings"))
     args = parser.parse_args()
+    print(cpu_line(), flush=True)
     caches = {}
     for stage in sorted({s for s, _ in SETTINGS}):
         caches[stage] = [
