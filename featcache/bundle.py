@@ -53,9 +53,11 @@ class ModelBundle:
     NumPy arrays (present when it reproduces the pipeline), so predicting needs no scikit-learn;
     ``pipeline`` is the fitted scikit-learn pipeline, unpickled on first use.
 
-    A ``finetune`` model also holds ``top``, the fine-tuned weights of the network after stage
+    ``fit_identity`` is the identity of the cache the model was fit on, whose rows its
+    ``pipeline`` takes (by default ``identity``). A ``finetune`` model's is a cache with feature
+    maps; it also holds ``top``, the fine-tuned weights of the network after stage
     ``identity.tuned_stage`` as arrays: its backbone is built with them, and ``head`` is its new
-    linear layer on their pooled output. Its ``pipeline`` takes a cache's feature maps.
+    linear layer on their pooled output.
     """
 
     family: str
@@ -69,9 +71,12 @@ class ModelBundle:
     featcache_version: str = __version__
     pipeline_pickle: bytes | None = field(default=None, repr=False)
     top: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    fit_identity: BackboneIdentity | None = None
     _pipeline: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.fit_identity is None:
+            self.fit_identity = self.identity if self.top is None else self._legacy_fit_identity()
         if self.head is not None and self.head.n_classes != len(self.folders):
             raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
         if bool(self.top) != bool(self.identity.tuned):
@@ -82,6 +87,10 @@ class ModelBundle:
             raise FeatcacheError(
                 "the model bundle is inconsistent: its fine-tuned weights are not the recorded ones"
             )
+
+    def _legacy_fit_identity(self) -> BackboneIdentity:
+        """The fit identity of a fine-tuned bundle saved before bundles recorded it: its estimator's."""
+        return BackboneIdentity.from_dict(self.pipeline.steps[-1][1].identity)
 
     @classmethod
     def with_pipeline(cls, pipeline: Any, **fields: Any) -> ModelBundle:
@@ -157,6 +166,20 @@ class ModelBundle:
         """The most probable class folder of each row of N×D features."""
         return [self.folders[i] for i in self.predict_proba(features).argmax(axis=1)]
 
+    def predict_cached(self, rows: np.ndarray) -> list[str]:
+        """The most probable class folder of each of ``rows``, as a cache of :attr:`fit_identity`
+        holds them (what the model was fit on: pooled features, or a fine-tuned model's maps)."""
+        if self.fit_identity == self.identity:
+            return self.predict(rows)
+        return [str(c) for c in self.pipeline.predict(rows)] if len(rows) else []
+
+    def backbone(self, **options: Any) -> Any:
+        """The backbone that makes this model's features from pixels, built by
+        :func:`featcache.backbones.build.build_backbone` with ``options`` (device, engine, ...)."""
+        from featcache.backbones.build import build_backbone
+
+        return build_backbone(self.identity, top=self.top, **options)
+
     def to_dict(self) -> dict[str, Any]:
         """The bundle as plain types (what is pickled)."""
         return {
@@ -174,6 +197,7 @@ class ModelBundle:
             "featcache_version": self.featcache_version,
             "pipeline_pickle": self.pipeline_pickle,
             "top": self.top,
+            "fit_identity": self.fit_identity.to_dict(),
         }
 
     @classmethod
@@ -191,6 +215,7 @@ class ModelBundle:
             featcache_version=d.get("featcache_version", ""),
             pipeline_pickle=d.get("pipeline_pickle"),
             top={str(k): np.asarray(v) for k, v in d["top"].items()} if d.get("top") else None,
+            fit_identity=BackboneIdentity.from_dict(d["fit_identity"]) if d.get("fit_identity") else None,
         )
 
 

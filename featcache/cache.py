@@ -38,7 +38,8 @@ class FeatureCache:
     ``torch``, or both, comma-separated); it is recorded, not compared, as the engines' fp32
     features are interchangeable. ``shards`` is how many shards a Dask cluster computed (0: one
     process). ``maps`` (float16, N×C×h×w) holds the unpooled maps of stage ``identity.maps`` when
-    the cache keeps them and they were read (``read_cache(..., maps=True)``).
+    the cache keeps them and they were read (``read_cache(..., maps=True)``, or :meth:`labelled`
+    with ``maps`` from the file at ``path``, the file the cache was read from).
     """
 
     features: np.ndarray
@@ -57,6 +58,7 @@ class FeatureCache:
     created: str = ""
     featcache_version: str = __version__
     maps: np.ndarray | None = field(default=None, repr=False)
+    path: Path | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,11 +79,14 @@ class FeatureCache:
             mask &= np.array([p in wanted for p in self.paths], dtype=bool)
         folders = np.array(self.folders, dtype=object)
         if maps and self.maps is None:
-            raise FeatcacheError(
-                "this cache keeps no feature maps: extract with --maps STAGE"
-                if self.identity.maps is None
-                else "the cache's maps were not read (read_cache(path, maps=True))"
-            )
+            if self.identity.maps is None or self.path is None:
+                raise FeatcacheError(
+                    "this cache keeps no feature maps: extract with --maps STAGE"
+                    if self.identity.maps is None
+                    else "the cache's maps were not read (read_cache(path, maps=True))"
+                )
+            with h5py.File(self.path, "r") as f:
+                self.maps = f["maps"][()]
         X = self.maps[mask] if maps else self.features[mask].astype(np.float32)
         return X, folders[self.labels[mask]].astype(str)
 
@@ -253,6 +258,7 @@ def read_cache(path: str | os.PathLike, maps: bool = False) -> FeatureCache:
                 created=str(f.attrs["created"]),
                 featcache_version=str(f.attrs["featcache_version"]),
                 maps=kept,
+                path=path,
             )
     except FeatcacheError:
         raise

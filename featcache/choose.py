@@ -88,10 +88,17 @@ class Scored:
     fit_seconds: float = 0.0
     kib_per_image: float = 0.0
 
+    @property
+    def cache_name(self) -> str:
+        """The cache file :meth:`extract_command` writes: named after the candidate, so that it never
+        meets a cache of other settings in the folder where the commands are pasted."""
+        return f"{_safe(str(self.candidate)).replace('@', '-')}.h5"
+
     def extract_command(self, data_dir: str | os.PathLike) -> str:
         """The ``featcache extract`` command line that makes these features for the whole folder."""
         layers = self.candidate.layers if self.candidate.layers.lower() == MULTI else self.layers
-        args = ["featcache", "extract", str(data_dir), "--backbone", self.candidate.backbone]
+        args = ["featcache", "extract", str(data_dir), "-o", self.cache_name]
+        args += ["--backbone", self.candidate.backbone]
         if layers != LAST:
             args += ["--layers", layers]
         if self.candidate.maps is not None:
@@ -100,7 +107,8 @@ class Scored:
 
     def fit_command(self) -> str:
         """The ``featcache fit`` command line for the cache :meth:`extract_command` makes."""
-        return "featcache fit" + (" --model finetune" if self.candidate.maps is not None else "")
+        model = ["--model", "finetune"] if self.candidate.maps is not None else []
+        return shlex.join(["featcache", "fit", self.cache_name, *model])
 
 
 @dataclass
@@ -162,10 +170,11 @@ def choose(
     reused by later calls. ``images_per_second`` is the candidate's extraction speed here:
     decoding and embedding a batch of the sample after a warm-up batch.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import ParameterGrid, StratifiedKFold
 
     from featcache.cache import read_cache
-    from featcache.fit import cross_validate_family
+    from featcache.families import FAMILIES
+    from featcache.fit import EpochCounter, cross_validate_family
 
     if per_class < 2:
         raise FeatcacheError(f"per_class must be at least 2, got {per_class}")
@@ -205,17 +214,23 @@ def choose(
             result = extract(data_dir, output, files=keep, **settings)
         except CacheMismatchError:  # made with other settings (another release's multi, other weights)
             result = extract(data_dir, output, files=files, overwrite=True, **settings)
-        cache = read_cache(output, maps=candidate.maps is not None)
-        X, y = cache.labelled(files, maps=candidate.maps is not None)
+        cache = read_cache(output)
+        family = FAMILIES[candidate.family]
+        X, y, fixed = family.inputs(cache, files)
         counts = np.unique(y, return_counts=True)[1]
         if counts.min() < cv:
             raise FeatcacheError(
                 f"the sample has a class with {counts.min()} readable image(s), fewer than cv={cv}: "
-                "raise per_class, or lower cv"
+                f"raise per_class={per_class}, or lower cv={cv}"
             )
         folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
-        fixed = {"clf__identity": cache.identity.to_dict()} if candidate.maps is not None else None
-        scores, _ = cross_validate_family(candidate.family, X, y, folds, seed, fixed)
+        epochs = EpochCounter(
+            lambda done, total: report(Progress(done, total, stage="fit")),
+            len(ParameterGrid(family.grid)) * cv * family.epochs,
+        )
+        scores, _ = cross_validate_family(
+            candidate.family, X, y, folds, seed, fixed, epochs.fit_params(family)
+        )
         speed = _images_per_second(cache.identity, dataset.subset(files), device, engine, batch_size)
         kib = output.stat().st_size / len(cache) / 1024
         scored.append(

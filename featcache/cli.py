@@ -65,16 +65,14 @@ def _engine_option(help_text: str):
 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="featcache")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+@click.option("--debug", is_flag=True, expose_value=False, help="Show full tracebacks for errors.")
+def cli() -> None:
     """Train an image classifier on a folder of labelled images in seconds.
 
     A frozen ImageNet CNN embeds every image once into an HDF5 cache (extract); classical
     classifiers are cross-validated on that cache (fit); the best one classifies new images
     (predict). New here? 'featcache demo' runs it all on images that ship with featcache.
     """
-    ctx.obj = {"debug": debug}
 
 
 @cli.command()
@@ -330,11 +328,14 @@ def choose(
         raise click.UsageError("--only needs at least one --candidate")
     wanted = [] if only else default_candidates()
     wanted += [Candidate.parse(c) for c in candidates]
-    bars: dict = {}
+    bars: list = []  # one candidate's bar at a time: closed when the next candidate starts
 
     def progress(candidate, p) -> None:
-        bar = bars.setdefault(str(candidate), _ProgressBar(str(candidate), quiet or as_json))
-        bar.update(p)
+        if not bars or bars[-1].desc != str(candidate):
+            if bars:
+                bars[-1].close()
+            bars.append(_ProgressBar(str(candidate), quiet or as_json))
+        bars[-1].update(p)
 
     try:
         result = run_choose(
@@ -342,8 +343,8 @@ def choose(
             device=device, engine=engine, batch_size=batch_size, on_progress=progress,
         )  # fmt: skip
     finally:
-        for bar in bars.values():
-            bar.close()
+        if bars:
+            bars[-1].close()
     if as_json:
         rows = [
             {"backbone": s.candidate.backbone, "layers": s.layers, "asked": s.candidate.layers,
@@ -432,6 +433,9 @@ def info(features: str, show_skipped: bool) -> None:
         click.echo(f"    ... and {len(cache.skipped) - len(listing)} more (--skipped lists all)")
 
 
+_UNITS = {"download": "B", "extract": "img", "fit": "epoch"}
+
+
 class _ProgressBar:
     """tqdm bars driven by the library's progress callbacks: one per stage (download, extract)."""
 
@@ -449,15 +453,16 @@ class _ProgressBar:
             download = progress.stage == "download"
             self.bar = tqdm(
                 total=progress.total, initial=progress.done, desc="weights" if download else self.desc,
-                unit="B" if download else "img", unit_scale=download, dynamic_ncols=True,
+                unit=_UNITS[progress.stage], unit_scale=download, dynamic_ncols=True,
             )  # fmt: skip
         self.bar.update(progress.done - self.bar.n)
-        if progress.stage != "download":
+        if progress.stage == "extract":
             self.bar.set_postfix(skipped=progress.skipped, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _echo_extract(result) -> None:
@@ -517,21 +522,17 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
     bar = _EpochBar()
     try:
         result = run_fit(
-            features,
-            model=model,
-            cv=cv,
-            output=output,
-            seed=seed,
-            on_progress=lambda msg: click.echo(msg, err=True),
+            features, model=model, cv=cv, output=output, seed=seed, on_progress=bar.message,
             on_epoch=bar.update,
-        )
+        )  # fmt: skip
     finally:
         bar.close()
     _echo_fit(result)
 
 
 class _EpochBar:
-    """A tqdm bar over fine-tuning's epochs (every setting, fold and the refit)."""
+    """A tqdm bar over the epochs of the families that train in epochs (every setting, fold and the
+    refit); messages go above it, never into it."""
 
     def __init__(self):
         self.bar = None
@@ -540,8 +541,14 @@ class _EpochBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="finetune", unit="epoch", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc="epochs", unit="epoch", dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
+
+    def message(self, text: str) -> None:
+        if self.bar is None:
+            click.echo(text, err=True)
+        else:
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -81,7 +81,6 @@ def export(
     import onnxruntime
     import torch
 
-    from featcache.backbones.build import build_backbone
     from featcache.predictor import Predictor
 
     bundle = load_bundle(model_path)
@@ -92,7 +91,7 @@ def export(
         )
     output = writable_file(output)
     fp32 = dataclasses.replace(bundle, identity=dataclasses.replace(bundle.identity, precision="fp32"))
-    net = build_backbone(fp32.identity, device="cpu", engine="torch", traced=False, top=bundle.top)
+    net = fp32.backbone(device="cpu", engine="torch", traced=False)
     module = _classifier(net, bundle).eval()
     size = bundle.identity.preprocessing.size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)

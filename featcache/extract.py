@@ -31,7 +31,8 @@ from featcache.files import writable_file
 @dataclass
 class Progress:
     """Reported as work goes on: ``done`` out of ``total`` (``None``: unknown) in ``stage``, which is
-    ``"extract"`` (images; ``skipped`` of them could not be read) or ``"download"`` (bytes of weights)."""
+    ``"extract"`` (images; ``skipped`` of them could not be read), ``"download"`` (bytes of weights)
+    or ``"fit"`` (epochs of training, where ``choose`` cross-validates a family that trains in epochs)."""
 
     done: int
     total: int | None

@@ -13,41 +13,35 @@ arrays back into the network to predict from pixels.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.models import Family
+from featcache.training import (
+    EarlyStopping,
+    EpochCallback,
+    encode_classes,
+    learning_rate,
+    softmax_rows,
+    validation_split,
+)
 from featcache.validation import check_params
 
+if TYPE_CHECKING:
+    from featcache.bundle import ModelBundle
+    from featcache.cache import FeatureCache
+
 SCHEDULES = ("onecycle", "cosine", "constant")
-_on_epoch: list[Callable[[int], None]] = []
-
-
-@contextlib.contextmanager
-def epoch_progress(callback: Callable[[int], None]) -> Iterator[None]:
-    """Within the block, every :class:`FinetuneClassifier` fit calls ``callback(n)`` as epochs pass:
-    1 per epoch run, and the epochs early stopping saved when it stops, so that a fit always
-    reports ``epochs`` in all."""
-    _on_epoch.append(callback)
-    try:
-        yield
-    finally:
-        _on_epoch.remove(callback)
-
-
-def _report(n: int) -> None:
-    for callback in _on_epoch:
-        callback(n)
 
 
 class FinetuneClassifier(ClassifierMixin, BaseEstimator):
@@ -157,8 +151,9 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         linear = nn.Linear(entry.feature_dim, n_classes)
         return entry, top, linear
 
-    def fit(self, X: Any, y: Any) -> FinetuneClassifier:
-        """Train on the maps ``X`` (N×C×h×w) and labels ``y``."""
+    def fit(self, X: Any, y: Any, on_epoch: EpochCallback | None = None) -> FinetuneClassifier:
+        """Train on the maps ``X`` (N×C×h×w) and labels ``y``; ``on_epoch(n)`` follows the epochs
+        (see :data:`featcache.training.EpochCallback`)."""
         import torch
 
         self._check_params()
@@ -170,21 +165,12 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         if len(X) != len(y):
             raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"FinetuneClassifier needs samples of at least 2 classes; got {len(self.classes_)}"
-            )
+        y_idx = encode_classes(self, y)
         seed = 0 if self.random_state is None else int(self.random_state)
-        train, val = np.arange(len(y)), None
-        if self.validation_fraction > 0 and len(y) * self.validation_fraction >= len(self.classes_):
-            stratify = y_idx if np.bincount(y_idx).min() >= 2 else None
-            train, val = train_test_split(
-                train, test_size=self.validation_fraction, random_state=seed, stratify=stratify
-            )
+        train, val = validation_split(y_idx, self.validation_fraction, seed)
         _, top, linear = self._network(len(self.classes_))
         with torch.random.fork_rng(devices=[]):
-            still_improving = self._train(top, linear, X, y_idx, train, val, seed)
+            still_improving = self._train(top, linear, X, y_idx, (train, val), seed, on_epoch or _ignore)
         if still_improving:
             warnings.warn(
                 f"FinetuneClassifier: the validation loss was still improving after epochs={self.epochs}; "
@@ -199,26 +185,16 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         self._module = None
         return self
 
-    def _lr(self, step: int, total: int) -> float:
-        t = step / max(total, 1)
-        if self.decay == "constant":
-            return self.lr_max
-        if self.decay == "cosine":
-            return self.lr_max * 0.5 * (1 + math.cos(math.pi * t))
-        warmup = 0.3  # one cycle: up from lr_max/25 for 30 % of the steps, then cosine down to ~0
-        if t < warmup:
-            return self.lr_max * (1 / 25 + (1 - 1 / 25) * t / warmup)
-        return self.lr_max * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (1 - warmup)))
-
     def _train(
-        self, top: Any, linear: Any, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray | None,
-        seed: int,
+        self, top: Any, linear: Any, X: np.ndarray, y: np.ndarray,
+        split: tuple[np.ndarray, np.ndarray | None], seed: int, on_epoch: EpochCallback,
     ) -> bool:  # fmt: skip
         """Run the epochs; leave ``top`` and ``linear`` at their best validation loss (or at the end
         without validation data); return whether that loss was still improving at the end."""
         import torch
         from torch import nn
 
+        train, val = split
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         device = self._device()
@@ -232,7 +208,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         steps_per_epoch = math.ceil(len(train) / self.batch_size)
         total, step = self.epochs * steps_per_epoch, 0
         targets = torch.from_numpy(y.astype(np.int64)).to(device)
-        best, best_state, stale = math.inf, None, 0
+        stopping = EarlyStopping(self.patience)
         self.n_iter_ = 0
         for _ in range(self.epochs):
             top.train()
@@ -245,32 +221,28 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
                     xb = torch.where(flip, xb.flip(3), xb)
                 xb = xb.to(device).contiguous(memory_format=torch.channels_last)
                 for group in optimizer.param_groups:
-                    group["lr"] = self._lr(step, total)
+                    group["lr"] = learning_rate(self.decay, self.lr_max, step / max(total, 1))
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(linear(top(xb).mean(dim=(2, 3))), targets[idx])
                 loss.backward()
                 optimizer.step()
                 step += 1
             self.n_iter_ += 1
-            _report(1)
+            on_epoch(1)
             if val is None:
                 continue
             logits = torch.from_numpy(self._logits(top, linear, X[val]))
             loss = float(nn.functional.cross_entropy(logits, targets[val].cpu()))
-            if loss < best - 1e-6:
-                best, stale = loss, 0
-                best_state = (copy.deepcopy(top.state_dict()), copy.deepcopy(linear.state_dict()))
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        _report(self.epochs - self.n_iter_)
+            state = lambda: (copy.deepcopy(top.state_dict()), copy.deepcopy(linear.state_dict()))  # noqa: E731
+            if stopping.update(loss, state):
+                break
+        on_epoch(self.epochs - self.n_iter_)
         top.eval()
-        if best_state is not None:
-            top.load_state_dict(best_state[0])
-            linear.load_state_dict(best_state[1])
+        if stopping.best_state is not None:
+            top.load_state_dict(stopping.best_state[0])
+            linear.load_state_dict(stopping.best_state[1])
         # a schedule that anneals the rate to zero ends training by itself; a constant one may stop early
-        return self.decay == "constant" and val is not None and self.n_iter_ == self.epochs and stale == 0
+        return self.decay == "constant" and self.n_iter_ == self.epochs and stopping.improving
 
     def _logits(self, top: Any, linear: Any, X: np.ndarray, batch: int = 128) -> np.ndarray:
         import torch
@@ -308,10 +280,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``."""
-        z = self.decision_function(X)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax_rows(self.decision_function(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each map."""
@@ -321,3 +290,67 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         state = super().__getstate__()
         state.pop("_module", None)  # torch modules are rebuilt from the arrays, never pickled
         return state
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
+def _pipeline(seed: int) -> Pipeline:
+    return Pipeline([("clf", FinetuneClassifier(random_state=seed))])
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneFamily(Family):
+    """Fits the cache's feature maps (a cache made with ``extract --maps``), with the cache's identity
+    fixed on every fit; its bundle holds a backbone whose part above the stage is the trained one."""
+
+    def unavailable(self, cache: FeatureCache) -> str | None:
+        if cache.identity.maps is not None:
+            return None
+        return (
+            f"{cache.path} keeps no feature maps to fine-tune on: extract with --maps STAGE "
+            f"(e.g. featcache extract DATA_DIR -o maps.h5 --backbone {cache.identity.backbone} --maps 4), "
+            "then fit maps.h5; or choose another model"
+        )
+
+    def inputs(self, cache: FeatureCache, paths: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        X, y = cache.labelled(paths, maps=True)
+        return X, y, {"clf__identity": cache.identity.to_dict()}
+
+    def to_bundle(self, final: Pipeline, cache: FeatureCache, X: np.ndarray, report: dict) -> ModelBundle:
+        from featcache.backbones.identity import LAST, tuned_id
+        from featcache.backbones.registry import get_entry
+        from featcache.bundle import ModelBundle
+        from featcache.head import LinearHead
+
+        clf = final.steps[-1][1]
+        entry = get_entry(cache.identity.backbone)
+        identity = dataclasses.replace(
+            cache.identity, layers=LAST, pool="avg", feature_dim=entry.feature_dim, maps=None,
+            tuned=tuned_id(cache.identity.maps, clf.state_),
+        )  # fmt: skip
+        return ModelBundle.with_pipeline(
+            final,
+            family=self.name,
+            folders=[str(c) for c in clf.classes_],
+            identity=identity,
+            fit_identity=cache.identity,
+            label_map=cache.label_map,
+            feature_dtype="float32",
+            head=LinearHead(clf.coef_, clf.intercept_),
+            report=report,
+            top=clf.state_,
+        )
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Convert the fine-tuned network for this machine's engine now, and check it, as a backbone is."""
+        bundle.backbone(device="auto")
+
+
+FINETUNE = FinetuneFamily(
+    "finetune", "the network above the cached maps, fine-tuned (AdamW, one-cycle)", _pipeline,
+    # minutes per fit on a CPU, so two settings: the whole one-cycle schedule on all the data, or
+    # early stopping on a tenth held out (the first won by 1.9 points of CV on Fashion-MNIST)
+    {"clf__validation_fraction": [0.0, 0.1]}, epochs=FinetuneClassifier().epochs,
+)  # fmt: skip

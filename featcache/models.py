@@ -1,6 +1,6 @@
-"""Model families: scikit-learn pipelines (scaling + classifier) with a small hyper-parameter grid each.
+"""The estimators featcache fits on pooled features, and :class:`Family`, what a model family declares.
 
-Adding a family is one :class:`Family` entry in :data:`FAMILIES`.
+The families are registered in :data:`featcache.families.FAMILIES`.
 """
 
 from __future__ import annotations
@@ -9,30 +9,27 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featcache.choices import FAMILIES as FAMILY_NAMES
 from featcache.head import LinearHead
+from featcache.training import EarlyStopping, encode_classes, learning_rate, softmax_rows, validation_split
 from featcache.validation import check_params
 
+if TYPE_CHECKING:
+    from featcache.bundle import ModelBundle
+    from featcache.cache import FeatureCache
+
 DECAYS = ("constant", "cosine", "square")
-
-
-def _softmax_rows(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -97,33 +94,16 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         ]
         check_params(self, checks)
 
-    def _lr(self, epoch: int) -> float:
-        t = epoch / self.epochs
-        if self.decay == "cosine":
-            return self.lr_max * 0.5 * (1 + math.cos(math.pi * t))
-        if self.decay == "square":
-            return self.lr_max * (1 - t) ** 2
-        return self.lr_max
-
     def fit(self, X: Any, y: Any) -> SoftmaxClassifier:
         """Train on features ``X`` (n_samples × n_features) and labels ``y``."""
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(
-                f"SoftmaxClassifier needs samples of at least 2 classes; got {len(self.classes_)} class"
-            )
+        y_idx = encode_classes(self, y)
         seed = 0 if self.random_state is None else int(self.random_state)
-        X_tr, y_tr, X_val, y_val = X, y_idx, None, None
-        if self.validation_fraction > 0 and len(X) * self.validation_fraction >= len(self.classes_):
-            counts = np.bincount(y_idx)
-            stratify = y_idx if counts.min() >= 2 else None
-            X_tr, X_val, y_tr, y_val = train_test_split(
-                X, y_idx, test_size=self.validation_fraction, random_state=seed, stratify=stratify
-            )
-        W, b, still_improving = self._train(X_tr, y_tr, X_val, y_val, np.random.default_rng(seed))
+        train, val = validation_split(y_idx, self.validation_fraction, seed)
+        X_val, y_val = (None, None) if val is None else (X[val], y_idx[val])
+        W, b, still_improving = self._train(X[train], y_idx[train], X_val, y_val, np.random.default_rng(seed))
         if still_improving:
             warnings.warn(
                 f"SoftmaxClassifier: the validation loss was still improving after all epochs="
@@ -148,10 +128,11 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         target = np.full((k, k), self.label_smoothing / k, np.float32) + np.eye(k, dtype=np.float32) * (
             1 - self.label_smoothing
         )
-        best, best_params, stale = math.inf, None, 0
+        stopping = EarlyStopping(self.patience)
+        stopped = False
         self.n_iter_ = 0
         for epoch in range(self.epochs):
-            lr = self._lr(epoch)
+            lr = learning_rate(self.decay, self.lr_max, epoch / self.epochs)
             order = rng.permutation(len(X))
             for start in range(0, len(X), self.batch_size):
                 idx = order[start : start + self.batch_size]
@@ -159,7 +140,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 if self.dropout > 0:
                     xb = xb * (rng.random(xb.shape) >= self.dropout) / np.float32(1 - self.dropout)
                 # cross-entropy with label smoothing: d(loss)/d(logits) = (softmax - target) / batch
-                grad = (_softmax_rows(xb @ W.T + b) - target[y[idx]]) / len(idx)
+                grad = (softmax_rows(xb @ W.T + b) - target[y[idx]]) / len(idx)
                 for param, g, v in ((W, grad.T @ xb, velocity[0]), (b, grad.sum(axis=0), velocity[1])):
                     v *= self.momentum
                     v += g + self.weight_decay * param
@@ -167,17 +148,14 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             self.n_iter_ = epoch + 1
             if X_val is None:
                 continue
-            p = _softmax_rows(X_val @ W.T + b)
+            p = softmax_rows(X_val @ W.T + b)
             val_loss = float(-np.log(np.maximum(p[np.arange(len(y_val)), y_val], 1e-30)).mean())
-            if val_loss < best - 1e-6:
-                best, stale, best_params = val_loss, 0, (W.copy(), b.copy())
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        if best_params is not None:
-            W, b = best_params
-        return W, b, X_val is not None and stale < self.patience
+            stopped = stopping.update(val_loss, lambda: (W.copy(), b.copy()))
+            if stopped:
+                break
+        if stopping.best_state is not None:
+            W, b = stopping.best_state
+        return W, b, X_val is not None and not stopped
 
     def _logits(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -191,7 +169,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``."""
-        return _softmax_rows(self._logits(X))
+        return softmax_rows(self._logits(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each sample."""
@@ -231,9 +209,7 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         check_params(self, checks)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"LinearSVM needs samples of at least 2 classes; got {len(self.classes_)} class")
+        y_idx = encode_classes(self, y)
         k = 1 if len(self.classes_) == 2 else len(self.classes_)
         targets = (y_idx == 1)[:, None] if k == 1 else y_idx[:, None] == np.arange(k)
         signs = np.where(targets, 1, -1).astype(X.dtype)
@@ -290,15 +266,19 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: how to build its pipeline and which parameters to search.
+    """A model family: how to build its pipeline, which parameters to search, what it takes from a
+    feature cache and what it leaves in a model bundle.
 
     ``calibrate`` families score classes with margins, not probabilities. They are
     cross-validated as they are, and the pipeline that is saved wraps the classifier in
     temperature scaling (one positive scale for all classes, learnt on held-out scores). It
     cannot change which class scores highest, so the saved model predicts exactly what was
     cross-validated and gains ``predict_proba``. ``blas_threads`` caps the BLAS threads of its
-    fits (None: the library's default). ``maps`` families take a cache's feature maps instead of
-    its pooled features, and the cache's identity (``clf__identity``).
+    fits (None: the library's default). ``epochs`` is how many epochs one fit reports through
+    the ``clf__on_epoch`` fit parameter (0: the family reports none).
+
+    This base class fits the pooled features of a cache; a family that takes something else
+    overrides :meth:`unavailable`, :meth:`inputs`, :meth:`to_bundle` and :meth:`prepare`.
     """
 
     name: str
@@ -307,7 +287,7 @@ class Family:
     grid: dict[str, list]
     calibrate: bool = False
     blas_threads: int | None = None
-    maps: bool = False
+    epochs: int = 0
 
     def build_final(self, seed: int, params: dict[str, Any]) -> Pipeline:
         """The pipeline to refit on all data and save: ``build`` with ``params``, calibrated if needed."""
@@ -318,42 +298,46 @@ class Family:
             pipe.steps[-1] = (name, calibrated)
         return pipe
 
+    def unavailable(self, cache: FeatureCache) -> str | None:
+        """Why this family cannot fit ``cache`` (a message for the user), or None when it can."""
+        return None
 
-def _logreg(seed: int) -> Pipeline:
+    def inputs(self, cache: FeatureCache, paths: Any = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """The rows this family fits on (the labelled ones, of ``paths`` only when given), their class
+        folders, and the pipeline parameters that every fit on ``cache`` sets (not searched)."""
+        X, y = cache.labelled(paths)
+        return X, y, {}
+
+    def to_bundle(self, final: Pipeline, cache: FeatureCache, X: np.ndarray, report: dict) -> ModelBundle:
+        """The bundle of ``final``, fitted on the rows ``X`` of ``cache``."""
+        from featcache.bundle import ModelBundle
+
+        return ModelBundle.with_pipeline(
+            final,
+            family=self.name,
+            folders=[str(c) for c in final.classes_],
+            identity=cache.identity,
+            label_map=cache.label_map,
+            feature_dtype=cache.dtype,
+            head=linear_head(final, X),
+            report=report,
+        )
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Get what predicting with ``bundle`` needs ready on this machine (nothing, by default)."""
+
+
+def logreg(seed: int) -> Pipeline:
     clf = LogisticRegression(max_iter=300, tol=1e-3, random_state=seed)
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
 
-def _linsvm(seed: int) -> Pipeline:
+def linsvm(seed: int) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("clf", LinearSVM())])
 
 
-def _softmax(seed: int) -> Pipeline:
+def softmax(seed: int) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("clf", SoftmaxClassifier(random_state=seed))])
-
-
-def _finetune(seed: int) -> Pipeline:
-    from featcache.finetune import FinetuneClassifier
-
-    return Pipeline([("clf", FinetuneClassifier(random_state=seed))])
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        # lbfgs makes many small matrix products: one BLAS thread fits 2-3x faster (bench/fit.py)
-        Family("logreg", "multinomial logistic regression", _logreg,
-               {"clf__C": [0.003, 0.01, 0.03, 0.1, 0.3]}, blas_threads=1),
-        Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", _linsvm,
-               {"clf__C": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}, calibrate=True),
-        Family("softmax", "softmax head (SGD)", _softmax, {"clf__weight_decay": [1e-4, 1e-3, 1e-2]}),
-        # minutes per fit on a CPU, so two settings: the whole one-cycle schedule on all the data, or
-        # early stopping on a tenth held out (the first won by 1.9 points of CV on Fashion-MNIST)
-        Family("finetune", "the network above the cached maps, fine-tuned (AdamW, one-cycle)", _finetune,
-               {"clf__validation_fraction": [0.0, 0.1]}, maps=True),
-    )
-}  # fmt: skip
-assert tuple(FAMILIES) == FAMILY_NAMES, "featcache.choices.FAMILIES lists the families of this module"
 
 
 def linear_head(pipeline: Pipeline, X: np.ndarray, atol: float = 1e-5) -> LinearHead | None:

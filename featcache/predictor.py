@@ -72,8 +72,6 @@ class Predictor:
         workers: int = 2,
         engine: str = "auto",
     ):
-        from featcache.backbones.build import build_backbone
-
         self.bundle = bundle
         self.identity = bundle.identity
         self.folders = bundle.folders
@@ -82,7 +80,7 @@ class Predictor:
         self.feature_dtype = np.dtype(bundle.feature_dtype)
         self.batch_size = batch_size
         self.workers = workers
-        self.backbone = build_backbone(self.identity, device=device, engine=engine, top=bundle.top)
+        self.backbone = bundle.backbone(device=device, engine=engine)
 
     @classmethod
     def load(

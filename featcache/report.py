@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from featcache.choices import PLOT_METHODS
+from featcache.dataset import LabelMap
 from featcache.files import replaced_atomically
 
 
@@ -21,10 +22,24 @@ def save_json(report: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def per_class(
+    y: np.ndarray, pred: np.ndarray, folders: list[str], label_map: LabelMap
+) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support of each class folder, for true ``y`` and predicted ``pred``."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=folders, zero_division=0)
+    return [
+        {"folder": c, "name": label_map.display(c), "precision": float(p[i]), "recall": float(r[i]),
+         "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(folders)
+    ]  # fmt: skip
+
+
 def families_table(report: dict[str, Any]) -> str:
     """One line per model family: CV accuracy mean ± std, macro-F1, fit time, best parameters; then
     one line per family whose solver did not converge in some of its fits."""
-    lines = [f"{'family':8} {'CV accuracy':>17} {'macro-F1':>9} {'fit s':>7}  best parameters"]
+    lines = [f"{'family':8} {'CV accuracy':>17} {'macro-F1':>9} {'CV s':>7}  best parameters"]
     for name, r in report["families"].items():
         mark = " *" if name == report["best"] else "  "
         params = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in r["best_params"].items())
@@ -37,19 +52,35 @@ def families_table(report: dict[str, Any]) -> str:
             lines.append(f"{name}: {r['not_converged']} of {r['fits']} fits did not converge")
     if not report.get("refit_converged", True):
         lines.append(f"{report['best']}: the final fit on all images did not converge")
+    if "seconds" in report:
+        lines.append(
+            f"CV s: cross-validation of every setting; refit of {report['best']} on all images "
+            f"{report['refit_seconds']:.1f} s; the whole fit {report['seconds']:.1f} s"
+        )
     return "\n".join(lines)
 
 
 def per_class_table(rows: list[dict[str, Any]]) -> str:
-    """Precision, recall, F1 and support per class."""
-    width = max([len(_label(r)) for r in rows] + [5])
-    lines = [f"{'class':{width}} {'precision':>9} {'recall':>7} {'F1':>6} {'n':>6}"]
+    """Precision, recall, F1 and support per class (columns aligned for wide CJK names too)."""
+    width = max([display_width(_label(r)) for r in rows] + [5])
+    lines = [f"{_pad('class', width)} {'precision':>9} {'recall':>7} {'F1':>6} {'n':>6}"]
     for r in rows:
         lines.append(
-            f"{_label(r):{width}} {100 * r['precision']:8.1f}% {100 * r['recall']:6.1f}% "
+            f"{_pad(_label(r), width)} {100 * r['precision']:8.1f}% {100 * r['recall']:6.1f}% "
             f"{100 * r['f1']:5.1f}% {r['support']:6d}"
         )
     return "\n".join(lines)
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: 2 for each wide (CJK) character, 1 for the others."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - display_width(text))
 
 
 def _label(row: dict[str, Any]) -> str:

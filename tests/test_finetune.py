@@ -127,13 +127,10 @@ def test_the_estimator_checks_its_settings_and_its_input(tuned):
 
 
 def test_fitting_is_seeded_and_reported_epoch_by_epoch(tuned):
-    from featcache.finetune import epoch_progress
-
     cache = read_cache(tuned[0], maps=True)
     X, y = cache.labelled(maps=True)
     seen = []
-    with epoch_progress(seen.append):
-        a = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=1).fit(X, y)
+    a = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=1).fit(X, y, on_epoch=seen.append)
     b = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=1).fit(X, y)
     c = FinetuneClassifier(cache.identity.to_dict(), epochs=4, random_state=2).fit(X, y)
     assert sum(seen) == 4 and seen[: a.n_iter_] == [1] * a.n_iter_
@@ -276,8 +273,10 @@ def test_choose_weighs_fine_tuning_against_linear_features(tmp_path, data):
     assert tuned.fit_seconds > 0 and linear.fit_seconds > 0
     assert tuned.kib_per_image > linear.kib_per_image + 15  # 320x7x7 float16 maps: 30.6 KiB more
     assert read_cache(tuned.cache).identity.maps == 6
-    assert tuned.extract_command(data).endswith("--backbone efficientnet_lite0 --maps 6")
-    assert tuned.fit_command() == "featcache fit --model finetune"
+    assert tuned.extract_command(data).endswith(
+        "-o efficientnet_lite0-finetune_6.h5 --backbone efficientnet_lite0 --maps 6"
+    )
+    assert tuned.fit_command() == "featcache fit efficientnet_lite0-finetune_6.h5 --model finetune"
     with pytest.raises(FeatcacheError, match="finetune:STAGE needs a stage index, got 'x'"):
         Candidate.parse("efficientnet_lite0@finetune:x")
     with pytest.raises(FeatcacheError, match="maps: 9 is not a stage of efficientnet_lite0"):

@@ -109,7 +109,7 @@ def test_fits_that_did_not_converge_are_counted_and_shown(tmp_path, monkeypatch)
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    import featcache.models
+    import featcache.families
     from featcache.report import families_table
 
     def one_iteration(seed):
@@ -117,9 +117,9 @@ def test_fits_that_did_not_converge_are_counted_and_shown(tmp_path, monkeypatch)
         return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
     stopped = dataclasses.replace(
-        featcache.models.FAMILIES["logreg"], build=one_iteration, grid={"clf__C": [0.01, 0.1]}
+        featcache.families.FAMILIES["logreg"], build=one_iteration, grid={"clf__C": [0.01, 0.1]}
     )
-    monkeypatch.setitem(featcache.models.FAMILIES, "logreg", stopped)
+    monkeypatch.setitem(featcache.families.FAMILIES, "logreg", stopped)
     cache = synthetic_cache(tmp_path / "f.h5", separation=0.5)
     report = fit(cache, model="logreg", cv=3, output=tmp_path / "m").report
     family = report["families"]["logreg"]

@@ -309,10 +309,14 @@ def test_choose_ranks_by_cv_and_prints_a_command_that_runs(tmp_path, capsys, mon
     assert printed["best"]["cv_accuracy_mean"] == max(c["cv_accuracy_mean"] for c in printed["candidates"])
     command = shlex.split(printed["best"]["command"])
     assert command[:3] == ["featcache", "extract", str(data)]
+    # pasted as printed, in a folder that already holds a features.h5 of other settings
     monkeypatch.chdir(tmp_path)
-    assert run(*command[1:], "-o", "chosen.h5", "-q") == 0
-    chosen = read_cache(tmp_path / "chosen.h5")
+    extract(data, "features.h5", backbone="efficientnet_lite0", layers="1", engine="torch")
+    assert run(*command[1:], "-q") == 0
+    assert run(*shlex.split(printed["best"]["fit_command"])[1:], "--cv", "3") == 0
+    chosen = read_cache(tmp_path / command[command.index("-o") + 1])
     assert chosen.identity.layers == printed["best"]["layers"] and len(chosen) == 36
+    assert (tmp_path / "models" / "best.joblib").is_file()
 
 
 def test_choose_refuses_what_cannot_work(tmp_path):
