@@ -115,7 +115,7 @@ class ModelBundle:
                 pipeline = safe_load(self.pipeline_pickle)
             except UnsafePickleError as e:
                 raise FeatcacheError(f"refusing to load the model's pipeline: {e}") from None
-            except Exception as e:  # noqa: BLE001 - the file was verified, so this is a version mismatch
+            except Exception as e:  # the file was verified, so this is a version mismatch
                 raise FeatcacheError(
                     f"the model's pipeline cannot be loaded ({type(e).__name__}: {e})"
                 ) from None
@@ -273,7 +273,7 @@ def load_bundle(path: str | os.PathLike = DEFAULT_MODEL) -> ModelBundle:
         content = safe_load(data)
     except UnsafePickleError as e:
         raise FeatcacheError(f"{path}: refusing to load it: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a verified file that still fails to load
+    except Exception as e:  # a verified file that still fails to load
         raise FeatcacheError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise FeatcacheError(f"{path}: not a featcache model")

@@ -141,7 +141,7 @@ def run(
         shard = index[future.key]
         try:
             done = future.result()
-        except Exception as e:  # noqa: BLE001 - KilledWorker, or a task that kept failing
+        except Exception as e:  # KilledWorker, or a task that kept failing
             raise FeatcacheError(
                 f"shard {shard.index} (from {shard.files[0].relpath}) failed: {type(e).__name__}: {e}; the "
                 "finished shards are kept: run the same extract again to compute the rest"

@@ -45,7 +45,6 @@ class ExportResult:
     max_difference: float
     n_checked: int
     same_label: float
-    size_bytes: int
 
 
 def metadata(bundle: ModelBundle) -> dict[str, str]:
@@ -118,7 +117,7 @@ def export(
                 f"the exported model's probabilities differ from featcache predict's by {difference:.2g} "
                 f"(allowed: {MAX_DIFFERENCE:g}); nothing was written"
             )
-    return ExportResult(output, difference, len(pixels), same, output.stat().st_size)
+    return ExportResult(output, difference, len(pixels), same)
 
 
 def _check_pixels(bundle: ModelBundle) -> np.ndarray:

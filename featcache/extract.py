@@ -426,6 +426,3 @@ class _Partial:
         os.replace(tmp, part)
         self.rows.update(rows)
         self.skipped.update(skipped)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)

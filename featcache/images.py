@@ -6,6 +6,7 @@ Extract and predict both call :func:`load_pixels`, so they cannot preprocess dif
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import stat
@@ -13,16 +14,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from featcache.backbones.identity import Preprocessing
 from featcache.errors import ImageError
+from featcache.preprocessing import Preprocessing
 
-if TYPE_CHECKING:
-    import torch
+log = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike | Image.Image | np.ndarray | bytes
 
@@ -52,7 +51,7 @@ def load_image(source: ImageSource, draft: int | None = None) -> Image.Image:
         return to_rgb(_orient(_open(Path(source), draft)))
     if isinstance(source, bytes):
         if not source:
-            raise ImageError("empty (0 bytes)", "upload")
+            raise ImageError(EMPTY, "upload")
         return to_rgb(_orient(_open(io.BytesIO(source), draft)))
     raise TypeError(
         f"expected a path, image file bytes, a PIL image or a NumPy uint8 array, got {type(source).__name__}"
@@ -105,7 +104,7 @@ def try_load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray | st
         return load_pixels(source, prep)
     except ImageError as e:
         return e.reason
-    except Exception as e:  # noqa: BLE001 - no single file may stop a run
+    except Exception as e:  # no single file may stop a run
         return f"unexpected {type(e).__name__} while decoding: {e}"
 
 
@@ -132,31 +131,21 @@ def load_batches(
             yield [f.result() for f in queue.popleft()]
 
 
-def normalize(batch: np.ndarray | torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """Turn an N×H×W×3 uint8 batch into an N×3×H×W float32 tensor scaled and normalised per ``prep``."""
-    import torch
-
-    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
-        batch = batch.copy()
-    x = torch.as_tensor(batch)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected an N×H×W×3 uint8 batch, got {tuple(x.shape)} {x.dtype}")
-    mean = torch.tensor(prep.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    return x.sub_(mean).div_(std).contiguous()
-
-
 NOT_A_FILE = "not a regular file (a pipe, socket or device)"
+
+
+EMPTY = "empty (0 bytes)"
 
 
 def _open(path: Path | io.BytesIO, draft: int | None = None) -> Image.Image:
     try:
-        mode = os.stat(path).st_mode if isinstance(path, Path) else None
+        st = os.stat(path) if isinstance(path, Path) else None
     except OSError:
-        mode = None  # Image.open below says why
-    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        st = None  # Image.open below says why
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise ImageError(NOT_A_FILE, path)  # opening a pipe would wait for a writer forever
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise ImageError(EMPTY, path)
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
@@ -205,6 +194,7 @@ def _orient(img: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(img)
     except Exception:  # a damaged EXIF block must not make a good picture unreadable
+        log.debug("EXIF orientation not applied: damaged EXIF block", exc_info=True)
         return img
 
 

@@ -52,7 +52,7 @@ class Prediction:
 
 
 def _is_single(images: Any) -> bool:
-    if isinstance(images, (str, os.PathLike, Image.Image)):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes)):
         return True
     return isinstance(images, np.ndarray) and images.ndim in (2, 3)
 
@@ -203,8 +203,9 @@ _LOADED: dict[tuple[str, int | None, int | None], Predictor] = {}
 def predict(image: ImageSource, model_path: str | os.PathLike = DEFAULT_MODEL) -> str:
     """The class display name of one image: the course platform's ``predict(image) -> str``.
 
-    ``image`` is a NumPy H×W×3 uint8 RGB array, a path or a PIL image. The model and its backbone
-    are loaded on the first call and reused while the model file is unchanged.
+    ``image`` is a NumPy H×W×3 uint8 RGB array, a path, the bytes of an image file or a PIL image.
+    The model and its backbone are loaded on the first call and reused while the model file is
+    unchanged.
     """
     from featcache.bundle import resolve_model_path
 

@@ -85,7 +85,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             state.predictor = Predictor(state.bundle, device=settings.device, engine=settings.engine)
             state.ready_after = time.monotonic() - state.started
-        except Exception as e:  # noqa: BLE001 - reported by /health, the server stays up
+        except Exception as e:  # reported by /health, the server stays up
             state.error = f"{type(e).__name__}: {e}"
 
     @asynccontextmanager
@@ -194,7 +194,7 @@ async def _batches(state: _State, max_batch: int) -> None:
             proba = await run_in_threadpool(
                 state.predictor.predict_pixels, np.concatenate([p for p, _ in items])
             )
-        except Exception as e:  # noqa: BLE001 - each waiting request gets the error
+        except Exception as e:  # each waiting request gets the error
             for _, future in items:
                 if not future.done():
                     future.set_exception(e)

@@ -72,6 +72,7 @@ def test_a_network_that_does_not_convert_runs_in_pytorch(monkeypatch, photo):
 
     monkeypatch.setattr(engine, "save_openvino", refuse)
     monkeypatch.setattr(engine, "load_openvino", lambda identity: None)
+    monkeypatch.setattr(build, "cpu_has_bf16", lambda: True)  # the same on a CPU without bf16
     with pytest.warns(
         FeatcacheWarning, match="does not run on OpenVINO .*cannot take.*running it in PyTorch"
     ):

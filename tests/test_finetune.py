@@ -16,6 +16,7 @@ from conftest import make_dataset, make_image
 from support import start_featcache
 
 from featcache.backbones.build import build_backbone
+from featcache.backbones.normalize import normalize
 from featcache.bundle import load_bundle, save_bundle
 from featcache.cache import read_cache
 from featcache.cli import main
@@ -25,7 +26,7 @@ from featcache.extract import extract
 from featcache.files import file_sha256
 from featcache.finetune import FinetuneClassifier
 from featcache.fit import evaluate, fit
-from featcache.images import load_pixels, normalize
+from featcache.images import load_pixels
 from featcache.predictor import Predictor
 
 BACKBONE = "efficientnet_lite0"

@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from featcache import images
+from featcache.backbones.normalize import normalize
 from featcache.errors import ImageError
-from featcache.images import Preprocessing, load_image, load_pixels, normalize
+from featcache.images import Preprocessing, load_image, load_pixels
 
 
 def _save(img: Image.Image, path, fmt, **kw):
@@ -114,8 +115,10 @@ def test_truncated_jpeg_is_a_clear_error(tmp_path, photo):
 
 def test_zero_byte_and_missing_files(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
-    with pytest.raises(ImageError, match="not an image"):
+    with pytest.raises(ImageError, match=r"empty \(0 bytes\)"):  # as an upload of 0 bytes is told
         load_image(tmp_path / "empty.png")
+    with pytest.raises(ImageError, match=r"empty \(0 bytes\)"):
+        load_image(b"")
     with pytest.raises(ImageError, match="no such file"):
         load_image(tmp_path / "missing.png")
 

@@ -13,6 +13,7 @@ from torchvision.models import MobileNet_V2_Weights
 from featcache.backbones import BackboneIdentity, Preprocessing, get_entry
 from featcache.backbones.build import build_backbone
 from featcache.backbones.eager import pooled
+from featcache.backbones.normalize import normalize
 from featcache.backbones.weights import WeightsUnavailableError
 from featcache.cache import read_cache
 from featcache.choose import Candidate, choose, sample
@@ -20,7 +21,7 @@ from featcache.cli import main
 from featcache.dataset import scan
 from featcache.errors import CacheMismatchError, FeatcacheError, FeatcacheWarning
 from featcache.extract import extract
-from featcache.images import load_pixels, normalize
+from featcache.images import load_pixels
 
 IMAGENET = MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}

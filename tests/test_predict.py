@@ -76,6 +76,10 @@ def test_classes_and_single_or_many(predictor, trained):
     proba = predictor.predict_proba(one)
     assert proba.shape == (len(CLASSES),) and proba.sum() == pytest.approx(1)
     assert predictor.predict_proba([one, one]).shape == (2, len(CLASSES))
+    jpeg = (data / "02_01" / "000.jpg").read_bytes()  # the bytes of a file are one image, not many
+    assert predictor.predict(jpeg) == predictor.predict(one)
+    assert predictor.predict([jpeg, jpeg]) == [predictor.predict(one)] * 2
+    assert predictor.predict_proba(jpeg).shape == (len(CLASSES),)
 
 
 def test_course_predict_function_returns_a_label_map_name(trained, monkeypatch):
@@ -85,6 +89,8 @@ def test_course_predict_function_returns_a_label_map_name(trained, monkeypatch):
     label = featcache.predict(arr)
     assert type(label) is str and label in load_label_map("garbage26").names.values()
     assert featcache.predict(arr) == label  # second call reuses the loaded model
+    jpeg = (data / "03_03" / "001.jpg").read_bytes()
+    assert featcache.predict(jpeg) == featcache.predict(str(data / "03_03" / "001.jpg"))
     with pytest.raises(FeatcacheError, match="no such model"):
         featcache.predict(arr, model_path=tmp / "nope.joblib")
 

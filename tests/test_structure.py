@@ -74,6 +74,10 @@ def test_every_module_imports_alone():
 
 
 TORCH_FREE = [
+    "featcache.images",
+    "featcache.preprocessing",
+    "featcache.families",
+    "featcache.evaluate",
     "featcache.backbones",
     "featcache.backbones.identity",
     "featcache.backbones.registry",
@@ -91,6 +95,13 @@ TORCH_FREE = [
     "featcache.extract",
     "featcache.choose",
 ]
+
+
+def test_the_image_loader_imports_no_backbone():
+    code = "import sys, featcache.images; print([m for m in sys.modules if m.startswith('featcache.backb')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert not {m for m in import_graph()["featcache.images"] if m.startswith("featcache.backbones")}
 
 
 def test_one_process_extraction_imports_no_dask():

@@ -133,7 +133,7 @@ def build_backbone(
 
         try:
             return save_openvino(net, identity)
-        except Exception as e:  # noqa: BLE001 - any network the converter cannot take runs in PyTorch
+        except Exception as e:  # any network the converter cannot take runs in PyTorch
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             warnings.warn(
                 f"{entry.name} does not run on OpenVINO ({why}); running it in PyTorch instead",

@@ -11,8 +11,8 @@ from torch import nn
 
 from featcache.backbones.fold import fold_batchnorm
 from featcache.backbones.identity import BackboneEntry, BackboneIdentity, Described, split_layers
+from featcache.backbones.normalize import normalize
 from featcache.errors import FeatcacheError
-from featcache.images import normalize
 
 
 class EagerBackbone(Described, nn.Module):

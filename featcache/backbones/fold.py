@@ -9,12 +9,18 @@ code; only the modules are swapped.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from featcache.errors import FeatcacheWarning
+
+log = logging.getLogger(__name__)
 
 
 class _LeafTracer(fx.Tracer):
@@ -50,7 +56,14 @@ def fold_batchnorm(model: nn.Module, features: Callable[[nn.Module, torch.Tensor
     root = _Features(model, features)
     try:
         graph = _LeafTracer().trace(root)
-    except Exception:  # noqa: BLE001 - an untraceable model simply runs unfolded
+    except Exception as e:  # an untraceable model still runs, unfolded
+        log.debug("BatchNorm folding: cannot trace %s", type(model).__name__, exc_info=True)
+        warnings.warn(
+            f"{type(model).__name__}: its BatchNorms could not be folded ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}); it runs unfolded, slower, with the same features",
+            FeatcacheWarning,
+            stacklevel=3,
+        )
         return 0
     modules = dict(root.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from featcache.choices import INTERPOLATIONS, POOLS, RESIZE_POLICIES
+from featcache.choices import POOLS
+from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -19,48 +20,6 @@ if TYPE_CHECKING:
 
 RANDOM = "random"
 """The weights name that asks for untrained weights (plumbing tests only)."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the network's input tensor.
-
-    ``resize`` is ``"stretch"`` (straight to size×size, no crop: the course recipe) or
-    ``"center_crop"`` (shorter side to ``size / crop_pct``, then the central size×size square,
-    as timm's evaluation transform does). With ``jpeg_draft``,
-    a JPEG at least twice the size on both sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT
-    domain (never below ``size``) before the resize: about 14 times faster on a 4032×3024
-    photo, and within a grey level of the full decode.
-    """
-
-    size: int = 224
-    resize: str = "stretch"
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    jpeg_draft: bool = True
-    crop_pct: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.crop_pct <= 1 or (self.resize == "stretch" and self.crop_pct != 1):
-            raise ValueError(f"crop_pct must be in (0, 1] (1 with resize 'stretch'), got {self.crop_pct!r}")
-        if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        """Read :meth:`to_dict`'s form; one recorded before ``jpeg_draft`` existed decoded in full."""
-        return cls(**{"jpeg_draft": False, **d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    def differences(self, other: Preprocessing) -> list[str]:
-        """The fields that differ from ``other``, as ``name: mine vs theirs``."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
 
 
 @dataclass(frozen=True)

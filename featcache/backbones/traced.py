@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +23,10 @@ import torch
 
 from featcache._version import __version__
 from featcache.backbones.identity import BackboneIdentity, Described
+from featcache.backbones.normalize import normalize
 from featcache.files import replaced_atomically, user_cache_dir
-from featcache.images import normalize
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from featcache.backbones.eager import EagerBackbone
@@ -64,7 +67,8 @@ def load_traced(identity: BackboneIdentity, device: str | torch.device) -> Trace
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice
             module = torch.jit.load(str(path), map_location=device)
-    except Exception:  # noqa: BLE001 - a damaged trace is rebuilt, never fatal
+    except Exception:  # a damaged trace is rebuilt, never fatal
+        log.debug("the saved trace %s does not load; it is rebuilt", path, exc_info=True)
         return None
     return TracedBackbone(module.eval(), identity, torch.device(device))
 
@@ -86,6 +90,7 @@ def save_traced(net: EagerBackbone) -> Path | None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with replaced_atomically(path) as tmp:
                 torch.jit.save(module, str(tmp))
-    except Exception:  # noqa: BLE001 - tracing is an optimisation: the eager backbone still works
+    except Exception:  # tracing is an optimisation: the eager backbone still works
+        log.debug("%s cannot be traced; it runs eagerly", net.identity.backbone, exc_info=True)
         return None
     return path

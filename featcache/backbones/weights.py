@@ -78,7 +78,7 @@ def resolve_weights(
         _download(source.url, cached, on_progress)
     except FeatcacheError:
         raise
-    except Exception as e:  # noqa: BLE001 - URLError, timeouts, DNS, a full disk, the Hub client's errors
+    except Exception as e:  # URLError, timeouts, DNS, a full disk, the Hub client's errors
         why = str(getattr(e, "reason", None) or e).strip().splitlines() or [type(e).__name__]
         raise _missing(entry, source, cached, f"download failed: {why[0][:200]}") from None
     return source.name, cached
