@@ -26,6 +26,7 @@ from featcache.dataset import Dataset, scan
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.extract import Progress, extract
 from featcache.files import user_cache_dir
+from featcache.settings import BackboneSpec, RunOptions
 
 SEPARATOR = "@"
 """Between a candidate's backbone and layers: ``efficientnet_lite2@multi``, ``timm:resnet50@last``."""
@@ -157,9 +158,7 @@ def choose(
     cv: int = 5,
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
-    device: str = "auto",
-    engine: str = "auto",
-    batch_size: int = 32,
+    run: RunOptions | None = None,
     on_progress: Callable[[Candidate, Progress], None] | None = None,
 ) -> ChooseResult:
     """Cross-validate logistic regression on the features of every candidate for a sample of
@@ -208,12 +207,11 @@ def choose(
             if on_progress:
                 on_progress(candidate, progress)
 
-        settings = dict(backbone=candidate.backbone, layers=candidate.layers, maps=candidate.maps,
-                        batch_size=batch_size, device=device, engine=engine, on_progress=report)  # fmt: skip
+        spec = BackboneSpec(candidate.backbone, layers=candidate.layers, maps=candidate.maps)
         try:
-            result = extract(data_dir, output, files=keep, **settings)
+            result = extract(data_dir, output, spec, run, files=keep, on_progress=report)
         except CacheMismatchError:  # made with other settings (another release's multi, other weights)
-            result = extract(data_dir, output, files=files, overwrite=True, **settings)
+            result = extract(data_dir, output, spec, run, files=files, on_progress=report, overwrite=True)
         cache = read_cache(output)
         family = FAMILIES[candidate.family]
         X, y, fixed = family.inputs(cache, files)
@@ -231,7 +229,7 @@ def choose(
         scores, _ = cross_validate_family(
             candidate.family, X, y, folds, seed, fixed, epochs.fit_params(family)
         )
-        speed = _images_per_second(cache.identity, dataset.subset(files), device, engine, batch_size)
+        speed = _images_per_second(cache.identity, dataset.subset(files), run or RunOptions())
         kib = output.stat().st_size / len(cache) / 1024
         scored.append(
             Scored(candidate, result.identity.layers, result.identity.feature_dim, scores["cv_accuracy_mean"],
@@ -242,14 +240,12 @@ def choose(
     return ChooseResult(scored, len(files), len(classes), cv, work)
 
 
-def _images_per_second(
-    identity: BackboneIdentity, dataset: Dataset, device: str, engine: str, batch_size: int
-) -> float:
+def _images_per_second(identity: BackboneIdentity, dataset: Dataset, run: RunOptions) -> float:
     from featcache.backbones.build import build_backbone
     from featcache.embedding import embed_files
 
-    net = build_backbone(identity, device=device, engine=engine)
-    batch = max(1, min(batch_size, len(dataset.files) // 2))
+    net = build_backbone(identity, run)
+    batch = max(1, min(run.batch_size, len(dataset.files) // 2))
     done, start = 0, 0.0
     for i, (rows, skipped) in enumerate(
         embed_files(net, dataset, dataset.files[: 3 * batch], batch, workers=2)

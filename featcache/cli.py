@@ -323,6 +323,7 @@ def choose(
     """
     from featcache.choose import Candidate, default_candidates
     from featcache.choose import choose as run_choose
+    from featcache.settings import RunOptions
 
     if only and not candidates:
         raise click.UsageError("--only needs at least one --candidate")
@@ -340,7 +341,7 @@ def choose(
     try:
         result = run_choose(
             data_dir, wanted, per_class=per_class, cv=cv, seed=seed, workdir=workdir,
-            device=device, engine=engine, batch_size=batch_size, on_progress=progress,
+            run=RunOptions(device=device, engine=engine, batch_size=batch_size), on_progress=progress,
         )  # fmt: skip
     finally:
         if bars:

@@ -10,6 +10,7 @@ would. Workers must see the data folder and the output folder at the same paths.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from featcache.cache import read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import FeatcacheError
+from featcache.settings import RunOptions
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -114,9 +116,8 @@ def run(
     dataset: Dataset,
     shards: list[Shard],
     identity: BackboneIdentity,
-    engine: str,
     dtype: str,
-    batch_size: int,
+    options: RunOptions,
     on_done: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Row], dict[str, str], int, list[int]]:
     """Embed ``shards`` on the cluster; return their rows and skipped files, read back in order,
@@ -126,8 +127,10 @@ def run(
     ``on_done(files, skipped)`` is called as each shard finishes.
     """
     _check_workers(client, dataset.root, shards[0].path.parent if shards else None)
+    # a worker runs the backbone on its own machine: its device is its own to choose
+    run_there = dataclasses.replace(options, device="auto", scheduler=None)
     common = {"root": str(dataset.root), "folders": dataset.folders, "identity": identity.to_dict(),
-              "engine": engine, "dtype": dtype, "batch_size": batch_size}  # fmt: skip
+              "dtype": dtype, "run": run_there}  # fmt: skip
     specs = [
         {**common, "path": str(s.path), "files": [(f.relpath, f.label, f.size, f.mtime_ns) for f in s.files]}
         for s in shards
@@ -171,13 +174,13 @@ def embed_shard(spec: dict[str, Any]) -> dict[str, int]:
             return {"computed": 0, "skipped": len(read_cache(path).skipped)}
         except FeatcacheError:
             path.unlink(missing_ok=True)  # damaged: computed again
-    identity = BackboneIdentity.from_dict(spec["identity"])
-    net = _embedder(identity, spec["engine"])
+    identity, run = BackboneIdentity.from_dict(spec["identity"]), spec["run"]
+    net = _embedder(identity, run)
     files = [ImageFile(*f) for f in spec["files"]]
     dataset = Dataset(Path(spec["root"]), list(spec["folders"]), files, [])
     rows: dict[str, Row] = {}
     skipped: dict[str, str] = {}
-    for batch_rows, batch_skipped in embed_files(net, dataset, files, spec["batch_size"], workers=2):
+    for batch_rows, batch_skipped in embed_files(net, dataset, files, run.batch_size, run.workers):
         rows.update(batch_rows)
         skipped.update(batch_skipped)
     listing = sorted(skipped.items(), key=lambda s: os.fsencode(s[0]))
@@ -187,13 +190,13 @@ def embed_shard(spec: dict[str, Any]) -> dict[str, int]:
     return {"computed": len(rows), "skipped": len(skipped)}
 
 
-def _embedder(identity: BackboneIdentity, engine: str) -> Embedder:
+def _embedder(identity: BackboneIdentity, run: RunOptions) -> Embedder:
     """This worker's embedder for ``identity``, built on its first task."""
     from featcache.backbones.build import build_backbone
 
-    key = json.dumps([identity.to_dict(), engine], sort_keys=True)
+    key = json.dumps([identity.to_dict(), run.device, run.engine], sort_keys=True)
     if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = build_backbone(identity, device="auto", engine=engine)
+        _EMBEDDERS[key] = build_backbone(identity, run)
     return _EMBEDDERS[key]
 
 

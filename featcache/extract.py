@@ -15,17 +15,19 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from featcache.backbones.identity import BackboneIdentity, Embedder
 from featcache.cache import FeatureCache, read_cache, write_cache
-from featcache.choices import DEFAULT_BACKBONE, DTYPES
+from featcache.choices import DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
 from featcache.distributed import shard_folder, workers_to_start
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
-from featcache.files import writable_file
+from featcache.files import locked, writable_file
+from featcache.settings import BackboneSpec, CacheOptions, RunOptions, gather
 
 
 @dataclass
@@ -60,35 +62,27 @@ class ExtractResult:
 def extract(
     data_dir: str | os.PathLike,
     output: str | os.PathLike = "features.h5",
-    backbone: str | None = None,
-    weights: str | None = None,
-    pool: str | None = None,
-    layers: str | None = None,
-    maps: int | None = None,
-    dtype: str | None = None,
-    precision: str | None = None,
-    labels: str | os.PathLike | None = None,
+    spec: BackboneSpec | None = None,
+    run: RunOptions | None = None,
+    *,
     files: Collection[str] | None = None,
-    batch_size: int = 32,
-    workers: int = 2,
-    device: str = "auto",
-    engine: str = "auto",
-    overwrite: bool = False,
-    scheduler: str | None = None,
-    shard_size: int = 10000,
-    virtual: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    **settings: Any,
 ) -> ExtractResult:
     """Embed every image under ``data_dir`` into the HDF5 cache ``output``.
 
+    ``spec`` says what network makes the features, ``run`` where and how it runs, and
+    ``settings`` are fields of those or of :class:`~featcache.settings.CacheOptions` by name
+    (``backbone="efficientnet_lite0", layers="multi", engine="torch", overwrite=True``).
+
     An existing cache is updated incrementally (unchanged files are reused, new and modified
     files computed, deleted files dropped), and the settings not given (``backbone``,
-    ``weights``, ``pool``, ``layers``, ``dtype``, ``precision``) are the ones it records; without
-    a cache they default to ``mobilenet_v2``, its first weights, ``avg``, ``last``, ``float32``
-    and ``fp32``. ``layers`` (``last``, ``multi``, or stage indices and ``last``, as
-    ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. With ``maps`` (a
-    stage index, as in ``layers``), the cache also keeps that stage's unpooled maps (float16), for
-    fine-tuning the network above it (``fit --model finetune``). A
+    ``weights``, ``pool``, ``layers``, ``maps``, ``dtype``, ``precision``) are the ones it records;
+    without a cache they default to ``mobilenet_v2``, its first weights, ``avg``, ``last``, no
+    maps, ``float32`` and ``fp32``. ``layers`` (``last``, ``multi``, or stage indices and
+    ``last``, as ``4,5,6,last``) chooses the layers whose pooled vectors are concatenated. With
+    ``maps`` (a stage index, as in ``layers``), the cache also keeps that stage's unpooled maps
+    (float16), for fine-tuning the network above it (``fit --model finetune``). A
     cache made with other settings, or from another folder, is an error unless ``overwrite``
     (a folder that was only moved, holding the same files, is reused). With ``files`` (paths
     relative to ``data_dir``), only those images are embedded and kept. Unreadable files are
@@ -98,26 +92,39 @@ def extract(
     With ``scheduler`` (``local``, ``local:N`` or ``tcp://HOST:PORT``), the images are embedded on
     a Dask cluster in shards of ``shard_size`` files (see :mod:`featcache.distributed`); with
     ``virtual``, the cache is an index whose features are HDF5 virtual datasets over the shards,
-    which stay beside it (a shard whose files are unchanged is reused whole).
+    which stay beside it (a shard whose files are unchanged is reused whole). Another process
+    extracting into ``output`` meanwhile is an error naming it.
     """
     start = time.monotonic()
-    if batch_size < 1 or workers < 0:
+    spec, run, options = gather(
+        "extract", settings, spec or BackboneSpec(), run or RunOptions(), CacheOptions()
+    )
+    if run.batch_size < 1 or run.workers < 0:
         raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
-    if virtual and scheduler is None:
+    if options.virtual and run.scheduler is None:
         raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
-    if virtual and maps is not None:
+    if options.virtual and spec.maps is not None:
         raise FeatcacheError("virtual=True indexes features only: a cache with maps is written whole")
-    if scheduler is not None:
-        workers_to_start(scheduler)  # a mistyped scheduler is an error even when nothing is left to do
+    if run.scheduler is not None:
+        workers_to_start(run.scheduler)  # a mistyped scheduler is an error even when nothing is left to do
     output = writable_file(output)
-    previous = None if overwrite else _previous_cache(output)
-    recorded = previous.identity if previous is not None else None
-    backbone = backbone or (recorded.backbone if recorded else DEFAULT_BACKBONE)
-    if recorded is not None and backbone == recorded.backbone:
-        weights, pool = weights or recorded.weights, pool or recorded.pool
-        precision, layers = precision or recorded.precision, layers or recorded.layers
-        maps = recorded.maps if maps is None else maps
-    dtype = dtype or (previous.dtype if previous is not None else "float32")
+    with locked(output, "extract"):
+        return _extract(data_dir, output, spec, run, options, files, on_progress, start)
+
+
+def _extract(
+    data_dir: str | os.PathLike,
+    output: Path,
+    spec: BackboneSpec,
+    run: RunOptions,
+    options: CacheOptions,
+    files: Collection[str] | None,
+    on_progress: Callable[[Progress], None] | None,
+    start: float,
+) -> ExtractResult:
+    previous = None if options.overwrite else _previous_cache(output)
+    spec = spec.resolved(previous.identity if previous is not None else None)
+    dtype = options.dtype or (previous.dtype if previous is not None else "float32")
     if dtype not in DTYPES:
         raise FeatcacheError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     dataset = scan(data_dir)
@@ -127,7 +134,7 @@ def extract(
         _check_same_folder(previous, dataset, output)
     if not dataset.files:
         raise FeatcacheError(f"no images found under {data_dir}{_what_was_found(dataset)}")
-    label_map = load_label_map(labels) if labels is not None else None
+    label_map = load_label_map(options.labels) if options.labels is not None else None
 
     from featcache.backbones.build import build_backbone
 
@@ -135,22 +142,20 @@ def extract(
         if on_progress:
             on_progress(Progress(done, total, stage="download"))
 
-    net = build_backbone(
-        backbone, weights=weights, pool=pool or "avg", layers=layers or "last", maps=maps,
-        precision=precision or "fp32", device=device, engine=engine, on_download=downloaded,
-    )  # fmt: skip
+    net = build_backbone(spec, run, on_download=downloaded)
     identity = net.identity
     if previous is not None:
         _check_same_settings(previous, identity, dtype, output)
 
-    reusable = _reusable_rows(previous, dataset) if previous is not None and not virtual else {}
-    if scheduler is None:
-        computed, failed, n_computed = _in_this_process(net, dataset, output, reusable, overwrite, batch_size,
-                                                        workers, on_progress)  # fmt: skip
+    reusable = _reusable_rows(previous, dataset) if previous is not None and not options.virtual else {}
+    if run.scheduler is None:
+        computed, failed, n_computed = _in_this_process(
+            net, dataset, output, reusable, options.overwrite, run, on_progress
+        )
         shards = []
     else:
         computed, failed, n_computed, shards = _on_cluster(
-            scheduler, net, engine, dataset, output, reusable, dtype, batch_size, shard_size, on_progress
+            net, dataset, output, reusable, dtype, run, on_progress
         )
 
     if label_map is None:
@@ -166,8 +171,8 @@ def extract(
             f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
         )
     n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
-    written = previous is None or not previous.same_content(cache) or virtual
-    if virtual:
+    written = previous is None or not previous.same_content(cache) or options.virtual
+    if options.virtual:
         write_cache(cache, output, features_from=[(s.path, n) for s, n in shards if n])
         _remove_work(output, keep=[s.path for s, _ in shards])
     else:
@@ -195,8 +200,7 @@ def _in_this_process(
     output: Path,
     reusable: dict[str, Row],
     overwrite: bool,
-    batch_size: int,
-    workers: int,
+    run: RunOptions,
     on_progress: Callable[[Progress], None] | None,
 ) -> tuple[dict[str, Row], dict[str, str], int]:
     """Embed what ``reusable`` lacks here, batch by batch, keeping each finished batch in the
@@ -210,7 +214,7 @@ def _in_this_process(
     if on_progress:
         on_progress(Progress(done, total, skipped_before))
     try:
-        for rows, skipped in embed_files(net, dataset, todo, batch_size, workers):
+        for rows, skipped in embed_files(net, dataset, todo, run.batch_size, run.workers):
             partial.add(rows, skipped)
             done += len(rows) + len(skipped)
             n_computed += len(rows)
@@ -225,15 +229,12 @@ def _in_this_process(
 
 
 def _on_cluster(
-    scheduler: str,
     net: Embedder,
-    engine: str,
     dataset: Dataset,
     output: Path,
     reusable: dict[str, Row],
     dtype: str,
-    batch_size: int,
-    shard_size: int,
+    run: RunOptions,
     on_progress: Callable[[Progress], None] | None,
 ) -> tuple[dict[str, Row], dict[str, str], int, list]:
     """Embed what ``reusable`` lacks on a Dask cluster, in shards; return the rows, the files
@@ -241,7 +242,7 @@ def _on_cluster(
     from featcache import distributed
 
     todo = [f for f in dataset.files if f.relpath not in reusable]
-    shards = distributed.plan(todo, net.identity, dtype, output, shard_size)
+    shards = distributed.plan(todo, net.identity, dtype, output, run.shard_size)
     total, state = (
         len(dataset.files),
         {"done": len(dataset.files) - len(todo), "skipped": len(dataset.unreadable)},
@@ -258,9 +259,9 @@ def _on_cluster(
     if not shards:
         return {}, {}, 0, []
     try:
-        with distributed.dask_client(scheduler) as client:
+        with distributed.dask_client(run.scheduler) as client:
             rows, skipped, computed, counts = distributed.run(
-                client, dataset, shards, net.identity, engine, dtype, batch_size, shard_done
+                client, dataset, shards, net.identity, dtype, run, shard_done
             )
     except KeyboardInterrupt:
         raise Interrupted("the finished shards are kept; run the same extract again to resume") from None

@@ -4,6 +4,7 @@ made before long work, and featcache's own cache folder."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -46,6 +47,37 @@ def writable_folder(folder: str | os.PathLike) -> Path:
         reason = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or str(e)
         raise FeatcacheError(f"{folder}: cannot write there ({reason})") from None
     return folder
+
+
+@contextmanager
+def locked(target: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the lock of ``target`` (the file ``.NAME.lock`` beside it, removed afterwards) while the
+    block runs, so that two processes never write ``target`` at once. When another process holds
+    it, raise :class:`FeatcacheError` saying that ``featcache COMMAND`` in that process is writing it."""
+    target = Path(target)
+    lock = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FeatcacheError(f"another featcache {command} is writing {target} (pid {holder})") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed that file as we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def writable_file(path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ from featcache.cache import read_cache
 from featcache.choices import MODELS
 from featcache.errors import FeatcacheError
 from featcache.evaluate import Evaluation, evaluate  # noqa: F401 - where scripts found them before
-from featcache.files import writable_folder
+from featcache.files import locked, writable_folder
 
 if TYPE_CHECKING:
     from featcache.models import Family
@@ -69,7 +69,8 @@ def fit(
     before converging are counted in the report. ``all`` tries every family that can fit the
     cache (``finetune`` when it keeps feature maps); ``on_epoch(done, total)`` follows the epochs
     of the families that train in epochs. The model is saved only once it is complete: a fit
-    stopped at any point leaves the previous model in ``output`` as it was.
+    stopped at any point leaves the previous model in ``output`` as it was, and another ``fit``
+    writing ``output`` meanwhile is an error naming it.
     """
     from sklearn.metrics import confusion_matrix
     from sklearn.model_selection import ParameterGrid, StratifiedKFold
@@ -86,77 +87,78 @@ def fit(
     if model != "all" and (why := FAMILIES[model].unavailable(cache)):
         raise FeatcacheError(why)
     out = writable_folder(output)
-    y = cache.labelled()[1]
-    folders, counts = np.unique(y, return_counts=True)
-    if len(folders) < 2:
-        raise FeatcacheError(
-            f"{features}: need labelled images of at least 2 classes, found {len(folders)} "
-            "(the classes are the sub-folders of the folder extract read)"
-        )
-    small = [f"{c} ({n})" for c, n in zip(folders, counts, strict=True) if n < cv]
-    if small:
-        raise FeatcacheError(
-            f"{len(small)} class(es) have fewer images than the {cv} folds (cv={cv}): "
-            f"{', '.join(small[:10])}; add images, lower cv={cv}, or remove those classes"
-        )
-    folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    names = [n for n in FAMILIES if not FAMILIES[n].unavailable(cache)] if model == "all" else [model]
-    families = [FAMILIES[n] for n in names]
-    epochs = EpochCounter(on_epoch, sum(len(ParameterGrid(f.grid)) * cv * f.epochs for f in families))
-    epochs.total += max(f.epochs for f in families)  # the refit, when the chosen family trains in epochs
-    results: dict[str, Any] = {}
-    oof: dict[str, np.ndarray] = {}
-    inputs: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-    for family in families:
+    with locked(out / MODEL_FILE, "fit"):  # another fit into this folder is refused
+        y = cache.labelled()[1]
+        folders, counts = np.unique(y, return_counts=True)
+        if len(folders) < 2:
+            raise FeatcacheError(
+                f"{features}: need labelled images of at least 2 classes, found {len(folders)} "
+                "(the classes are the sub-folders of the folder extract read)"
+            )
+        small = [f"{c} ({n})" for c, n in zip(folders, counts, strict=True) if n < cv]
+        if small:
+            raise FeatcacheError(
+                f"{len(small)} class(es) have fewer images than the {cv} folds (cv={cv}): "
+                f"{', '.join(small[:10])}; add images, lower cv={cv}, or remove those classes"
+            )
+        folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        names = [n for n in FAMILIES if not FAMILIES[n].unavailable(cache)] if model == "all" else [model]
+        families = [FAMILIES[n] for n in names]
+        epochs = EpochCounter(on_epoch, sum(len(ParameterGrid(f.grid)) * cv * f.epochs for f in families))
+        epochs.total += max(f.epochs for f in families)  # the refit, when the chosen family trains in epochs
+        results: dict[str, Any] = {}
+        oof: dict[str, np.ndarray] = {}
+        inputs: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        for family in families:
+            if on_progress:
+                on_progress(f"{family.name}: {len(ParameterGrid(family.grid))} settings x {cv} folds")
+            X, _, fixed = family.inputs(cache)
+            inputs[family.name] = X, fixed
+            results[family.name], oof[family.name] = cross_validate_family(
+                family.name, X, y, folds, seed, fixed, on_epoch=epochs.fit_params(family)
+            )
+        chosen = max(names, key=lambda n: results[n]["cv_accuracy_mean"])
         if on_progress:
-            on_progress(f"{family.name}: {len(ParameterGrid(family.grid))} settings x {cv} folds")
-        X, _, fixed = family.inputs(cache)
-        inputs[family.name] = X, fixed
-        results[family.name], oof[family.name] = cross_validate_family(
-            family.name, X, y, folds, seed, fixed, on_epoch=epochs.fit_params(family)
+            on_progress(f"refitting {chosen} on all {len(y)} images")
+        family = FAMILIES[chosen]
+        X, fixed = inputs[chosen]
+        refit_start = time.perf_counter()
+        final = family.build_final(seed, {**results[chosen]["best_params"], **fixed})
+        with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
+            final.fit(X, y, **epochs.fit_params(family))
+        epochs.finish()
+        from featcache.report import per_class, save_confusion_png, save_json
+
+        pred = oof[chosen]
+        report = {
+            "best": chosen,
+            "cv": cv,
+            "seed": seed,
+            "n_images": int(len(y)),
+            "n_classes": int(len(folders)),
+            "families": results,
+            "refit_converged": not unconverged,
+            "per_class": per_class(y, pred, list(folders), cache.label_map),
+            "confusion_matrix": confusion_matrix(y, pred, labels=folders).tolist(),
+            "folders": folders.tolist(),
+            "features": str(Path(features).resolve()),
+            "engine": cache.engine,
+        }
+        bundle = family.to_bundle(final, cache, X, report)
+        family.prepare(bundle)
+        report["refit_seconds"] = time.perf_counter() - refit_start
+        report["seconds"] = time.perf_counter() - started
+
+        model_path = out / MODEL_FILE
+        save_bundle(bundle, model_path)
+        report_path = save_json(report, out / "report.json")
+        confusion_path = save_confusion_png(
+            np.array(report["confusion_matrix"]),
+            bundle.names,
+            out / "confusion_matrix.png",
+            title=f"{chosen}: out-of-fold predictions ({cv}-fold CV, {len(y)} images)",
         )
-    chosen = max(names, key=lambda n: results[n]["cv_accuracy_mean"])
-    if on_progress:
-        on_progress(f"refitting {chosen} on all {len(y)} images")
-    family = FAMILIES[chosen]
-    X, fixed = inputs[chosen]
-    refit_start = time.perf_counter()
-    final = family.build_final(seed, {**results[chosen]["best_params"], **fixed})
-    with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
-        final.fit(X, y, **epochs.fit_params(family))
-    epochs.finish()
-    from featcache.report import per_class, save_confusion_png, save_json
-
-    pred = oof[chosen]
-    report = {
-        "best": chosen,
-        "cv": cv,
-        "seed": seed,
-        "n_images": int(len(y)),
-        "n_classes": int(len(folders)),
-        "families": results,
-        "refit_converged": not unconverged,
-        "per_class": per_class(y, pred, list(folders), cache.label_map),
-        "confusion_matrix": confusion_matrix(y, pred, labels=folders).tolist(),
-        "folders": folders.tolist(),
-        "features": str(Path(features).resolve()),
-        "engine": cache.engine,
-    }
-    bundle = family.to_bundle(final, cache, X, report)
-    family.prepare(bundle)
-    report["refit_seconds"] = time.perf_counter() - refit_start
-    report["seconds"] = time.perf_counter() - started
-
-    model_path = out / MODEL_FILE
-    save_bundle(bundle, model_path)
-    report_path = save_json(report, out / "report.json")
-    confusion_path = save_confusion_png(
-        np.array(report["confusion_matrix"]),
-        bundle.names,
-        out / "confusion_matrix.png",
-        title=f"{chosen}: out-of-fold predictions ({cv}-fold CV, {len(y)} images)",
-    )
-    return FitResult(report, model_path, report_path, confusion_path)
+        return FitResult(report, model_path, report_path, confusion_path)
 
 
 def cross_validate_family(

@@ -128,7 +128,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path, monkeypatch):
         "bad/zero.jpg", "bad/truncated.jpg", "bad/text.jpg", "bad/bomb.png",
         "bad/locked.jpg", "bad/broken.jpg", "bad/loop.jpg",
     }  # fmt: skip
-    assert "not an image" in reasons["bad/zero.jpg"] and "not an image" in reasons["bad/text.jpg"]
+    assert reasons["bad/zero.jpg"] == "empty (0 bytes)" and "not an image" in reasons["bad/text.jpg"]
     assert "truncated" in reasons["bad/truncated.jpg"]
     assert "decompression bomb" in reasons["bad/bomb.png"]
     assert "permission denied" in reasons["bad/locked.jpg"]

@@ -22,6 +22,7 @@ from featcache.dataset import scan
 from featcache.errors import CacheMismatchError, FeatcacheError, FeatcacheWarning
 from featcache.extract import extract
 from featcache.images import load_pixels
+from featcache.settings import RunOptions
 
 IMAGENET = MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
@@ -294,13 +295,13 @@ def test_choose_ranks_by_cv_and_prints_a_command_that_runs(tmp_path, capsys, mon
     data = make_dataset(tmp_path / "data", classes=("cat", "dog", "fox"), per_class=12)
     candidates = ["efficientnet_lite0@last", "efficientnet_lite0@0", "efficientnet_lite0@multi"]
     work = tmp_path / "work"
-    result = choose(data, candidates, per_class=8, cv=3, workdir=work, engine="torch")
+    result = choose(data, candidates, per_class=8, cv=3, workdir=work, run=RunOptions(engine="torch"))
     assert [str(s.candidate) for s in result.scored] != [] and result.n_images == 24
     means = [s.cv_accuracy_mean for s in result.scored]
     assert result.best.cv_accuracy_mean == max(means) and means == sorted(means, reverse=True)
     assert {s.layers for s in result.scored} == {"last", "0", "2,3,4,5,6,last"}
     assert all(s.n_computed == 24 and s.images_per_second > 0 for s in result.scored)
-    again = choose(data, candidates, per_class=10, cv=3, workdir=work, engine="torch")
+    again = choose(data, candidates, per_class=10, cv=3, workdir=work, run=RunOptions(engine="torch"))
     assert all(s.n_computed == 6 for s in again.scored)  # only the 2 new images per class
 
     flags = [arg for c in candidates for arg in ("--candidate", c)]
@@ -323,7 +324,8 @@ def test_choose_ranks_by_cv_and_prints_a_command_that_runs(tmp_path, capsys, mon
 def test_choose_refuses_what_cannot_work(tmp_path):
     data = make_dataset(tmp_path / "data", classes=("cat", "dog"), per_class=3)
     with pytest.raises(FeatcacheError, match="fewer than cv=5"):
-        choose(data, ["efficientnet_lite0"], per_class=3, workdir=tmp_path / "w", engine="torch")
+        torch_run = RunOptions(engine="torch")
+        choose(data, ["efficientnet_lite0"], per_class=3, workdir=tmp_path / "w", run=torch_run)
     with pytest.raises(FeatcacheError, match="expected BACKBONE, BACKBONE@LAYERS or BACKBONE@finetune:STAGE"):
         Candidate.parse("@multi")
 

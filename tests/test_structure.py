@@ -97,6 +97,42 @@ TORCH_FREE = [
 ]
 
 
+def _parameters(node: ast.FunctionDef) -> int:
+    a = node.args
+    n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+    return n - bool(a.args and a.args[0].arg in ("self", "cls"))
+
+
+def long_signatures(source: str) -> list[str]:
+    """Functions of ``source`` with more than 8 parameters, but click commands and scikit-learn
+    estimators' constructors (whose parameters are the estimator's, by scikit-learn's contract)."""
+    found = []
+    for cls in [None, *(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef))]:
+        body = ast.parse(source).body if cls is None else cls.body
+        bases = [ast.unparse(b) for b in cls.bases] if cls is not None else []
+        estimator = any(b.endswith(("Estimator", "Mixin")) for b in bases)
+        for node in body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or _parameters(node) <= 8:
+                continue
+            if any("command" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            if estimator and node.name == "__init__":
+                continue
+            found.append(f"{node.name} ({_parameters(node)})")
+    return found
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    assert long_signatures("def f(a, b, c, d, e, f, g, h, i): pass") == ["f (9)"]  # the check finds one
+    assert long_signatures("def f(a, b, c, d, e, f, g, h, **more): pass") == ["f (9)"]
+    too_long = {
+        str(path.relative_to(PACKAGE.parent)): found
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (found := long_signatures(path.read_text()))
+    }
+    assert too_long == {}
+
+
 def test_the_image_loader_imports_no_backbone():
     code = "import sys, featcache.images; print([m for m in sys.modules if m.startswith('featcache.backb')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -17,12 +17,11 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featcache.backbones.identity import (
-    LAST,
     RANDOM,
     BackboneEntry,
     BackboneIdentity,
@@ -34,6 +33,7 @@ from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.files import file_sha256
+from featcache.settings import BackboneSpec, RunOptions, gather
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,22 +42,19 @@ if TYPE_CHECKING:
 
 
 def build_backbone(
-    backbone: str | BackboneIdentity = DEFAULT_BACKBONE,
+    backbone: str | BackboneSpec | BackboneIdentity = DEFAULT_BACKBONE,
+    run: RunOptions | None = None,
     *,
-    weights: str | None = None,
-    pool: str = "avg",
-    layers: str = LAST,
-    maps: int | None = None,
-    precision: str = "fp32",
-    device: str = "cpu",
-    engine: str = "auto",
     traced: bool = True,
     optimize: bool = True,
     download: bool = True,
     on_download: DownloadProgress | None = None,
     top: Mapping[str, np.ndarray] | None = None,
+    **settings: Any,
 ) -> Embedder:
-    """Build ``backbone`` (a registered name, or the :class:`BackboneIdentity` of a cache or model).
+    """Build ``backbone`` (a registered name or a :class:`~featcache.settings.BackboneSpec`, or the
+    :class:`BackboneIdentity` of a cache or model) to run as ``run`` says (``device`` defaults to
+    ``cpu`` here). ``settings`` are fields of either, by name (``weights="random"``, ``engine="torch"``).
 
     ``weights`` is a weights name, a file path or ``"random"`` (untrained, for tests; warns);
     weights files are found as an explicit path, then in the torch hub cache, then downloaded
@@ -77,12 +74,18 @@ def build_backbone(
     runs from what an earlier run saved for it, or is built from ``top``, the fine-tuned arrays
     of its model bundle. The result's ``engine`` says which engine runs it.
     """
-    device = resolve_device(device)
-    engine = resolve_engine(engine, device) if optimize else "torch"
     wanted = backbone if isinstance(backbone, BackboneIdentity) else None
     if wanted is not None:
-        backbone, weights, pool, precision = wanted.backbone, wanted.weights, wanted.pool, wanted.precision
-        layers, maps = wanted.layers, wanted.maps
+        spec = BackboneSpec(wanted.backbone, wanted.weights, wanted.pool, wanted.layers, wanted.maps,
+                            wanted.precision)  # fmt: skip
+    else:
+        spec = backbone if isinstance(backbone, BackboneSpec) else BackboneSpec(backbone)
+    spec, run = gather("build_backbone", settings, spec, run or RunOptions(device="cpu"))
+    spec = spec.resolved()
+    device = resolve_device(run.device)
+    engine = resolve_engine(run.engine, device) if optimize else "torch"
+    backbone, weights, pool, precision = spec.backbone, spec.weights, spec.pool, spec.precision
+    layers, maps = spec.layers, spec.maps
     entry = _checked_entry(backbone, pool, precision)
     try:
         layers = entry.resolve_layers(layers)
@@ -102,10 +105,7 @@ def build_backbone(
     if weights != RANDOM and wanted is None:
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
-        dim = entry.pooled_dim(pool, layers)
-        wanted = BackboneIdentity(
-            entry.name, label, sha, entry.preprocessing, pool, dim, precision, layers, maps
-        )
+        wanted = spec_identity(entry, dataclasses.replace(spec, weights=label, layers=layers), sha)
     if wanted is not None and (ready := _saved(wanted, engine, device, traced and optimize)) is not None:
         return ready
     if wanted is not None and wanted.tuned and top is None:
@@ -118,8 +118,9 @@ def build_backbone(
         sha = file_sha256(path)
     # the network PyTorch runs, or the fp32 one OpenVINO converts
     arithmetic = "fp32" if engine == "openvino" else precision
-    tuned = wanted.tuned_stage if wanted is not None and top is not None else None
-    net = _eager(entry, label, path, pool, layers, arithmetic, device, optimize, sha, maps, tuned, top)
+    tuned = (wanted.tuned_stage, top) if wanted is not None and top is not None else None
+    spec = dataclasses.replace(spec, weights=label, layers=layers, precision=arithmetic)
+    net = _eager(entry, spec, (path, sha), device, optimize, tuned)
     identity = dataclasses.replace(net.identity, precision=precision)
     if wanted is None and (ready := _saved(identity, engine, device, traced=False)) is not None:
         return ready  # random weights, converted by an earlier run
@@ -146,6 +147,16 @@ def build_backbone(
 
         save_traced(net)
     return net
+
+
+def spec_identity(entry: BackboneEntry, spec: BackboneSpec, sha: str, tuned: str = "") -> BackboneIdentity:
+    """The identity of the features ``entry`` makes as the resolved ``spec`` says (its ``weights``
+    the name to record, its ``layers`` canonical), with weights of SHA-256 ``sha``."""
+    dim = entry.pooled_dim(spec.pool, spec.layers)
+    return BackboneIdentity(
+        entry.name, spec.weights, sha, entry.preprocessing, spec.pool, dim, spec.precision, spec.layers,
+        spec.maps, tuned,
+    )  # fmt: skip
 
 
 def resolve_device(device: str) -> str:
@@ -218,24 +229,20 @@ def _checked_entry(name: str, pool: str, precision: str) -> BackboneEntry:
 
 def _eager(
     entry: BackboneEntry,
-    label: str,
-    path: Path | None,
-    pool: str,
-    layers: str,
-    precision: str,
+    spec: BackboneSpec,
+    weights_file: tuple[Path | None, str | None],
     device: str,
     optimize: bool,
-    sha: str | None = None,
-    maps: int | None = None,
-    tuned: int | None = None,
-    top: Mapping[str, np.ndarray] | None = None,
+    tuned: tuple[int, Mapping[str, np.ndarray]] | None = None,
 ) -> EagerBackbone:
-    """The network of ``entry`` with the weights file ``path`` (whose SHA-256 is ``sha``), or random;
-    with ``top``, the state of the part after stage ``tuned`` (``entry.top``) replaced by it."""
+    """The network of ``entry`` with the weights file ``(path, SHA-256)`` (path None: random weights),
+    as ``spec`` (resolved, its ``weights`` the name to record) says; with ``tuned``, ``(stage,
+    arrays)``, the state of the part after that stage (``entry.top``) replaced by the arrays."""
     import torch
 
     from featcache.backbones.eager import EagerBackbone, state_sha256
 
+    path, sha = weights_file
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = entry.build()
@@ -257,13 +264,10 @@ def _eager(
             first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
             raise FeatcacheError(f"weights file {path} does not fit backbone {entry.name}: {first}") from None
     fine_tuned = ""
-    if tuned is not None and top is not None:
-        load_top(entry, model, tuned, top)
-        fine_tuned = tuned_id(tuned, top)
-    identity = BackboneIdentity(
-        entry.name, label, sha, entry.preprocessing, pool, entry.pooled_dim(pool, layers), precision, layers,
-        maps, fine_tuned,
-    )  # fmt: skip
+    if tuned is not None:
+        load_top(entry, model, *tuned)
+        fine_tuned = tuned_id(*tuned)
+    identity = spec_identity(entry, spec, sha, fine_tuned)
     return EagerBackbone(entry, model, identity, optimize=optimize).to(device)
 
 

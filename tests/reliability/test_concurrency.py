@@ -84,3 +84,50 @@ def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, 
             break
     assert proc.returncode == 0, proc.stderr.read()
     assert seen["old"] >= 5 and seen["new"] >= 1, seen
+
+
+def _second_while_first_holds_the_lock(first: list, second: list, lock) -> tuple:
+    """Start ``featcache FIRST``; once it holds ``lock``, run ``featcache SECOND`` to its end."""
+    import time
+
+    a = start_featcache(first, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not lock.exists():
+        assert a.poll() is None, a.communicate()
+        assert time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.02)
+    b = start_featcache(second, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b_out = b.communicate(timeout=300)
+    a_out = a.communicate(timeout=300)
+    return a, a_out, b, b_out
+
+
+def test_a_second_extract_into_the_same_cache_is_refused_while_the_first_runs(tmp_path):
+    data = make_dataset(tmp_path / "data", classes=("a", "b"), per_class=30)
+    out = tmp_path / "conc.h5"
+    first = ["extract", data, "-o", out, "--backbone", "efficientnet_lite0", "--engine", "torch", "-q"]
+    second = ["extract", data, "-o", out, "--backbone", "efficientnet_lite1", "--engine", "torch", "-q"]
+    a, a_out, b, b_out = _second_while_first_holds_the_lock(first, second, tmp_path / ".conc.h5.lock")
+    assert a.returncode == 0, a_out[1]
+    assert b.returncode == 1
+    assert b_out[1].strip() == f"error: another featcache extract is writing {out} (pid {a.pid})"
+    assert read_cache(out).identity.backbone == "efficientnet_lite0"  # the first's, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conc.h5", "data"]  # no lock, no partial left
+
+
+def test_a_second_fit_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    from conftest import synthetic_cache
+
+    from featcache.bundle import load_bundle
+
+    cache = synthetic_cache(tmp_path / "f.h5", n_classes=10, per_class=300, dim=256, separation=0.3)
+    models = tmp_path / "models"
+    first = ["fit", cache, "-o", models, "--cv", "5"]
+    second = ["fit", cache, "-o", models, "--model", "logreg", "--cv", "2"]
+    a, a_out, b, b_out = _second_while_first_holds_the_lock(first, second, models / ".best.joblib.lock")
+    assert a.returncode == 0, a_out[1]
+    assert b.returncode == 1
+    expected = f"error: another featcache fit is writing {models / 'best.joblib'} (pid {a.pid})"
+    assert b_out[1].strip() == expected
+    assert load_bundle(models).report["cv"] == 5  # the first's
+    assert not (models / ".best.joblib.lock").exists()
