@@ -883,6 +883,7 @@ _FLAGS = {
     "workdir": "--workdir",
     "device": "--device",
     "cv": "--cv",
+    "per_class": "--per-class",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[^\s,;:)]+)")
 
@@ -898,11 +899,11 @@ def as_flags(message: str) -> str:
     return _PARAMETER.sub(flag, message)
 
 
-def _error(message: str, debug: bool) -> None:
+def _error(message: str, debug: bool, status: int = 1) -> None:
     if debug:
         traceback.print_exc()
     click.echo(f"error: {as_flags(message)}", err=True)
-    sys.exit(1)
+    sys.exit(status)
 
 
 def _interrupted(e: BaseException | None) -> None:
@@ -914,7 +915,7 @@ def _interrupted(e: BaseException | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``featcache`` console script: maps errors to exit statuses."""
-    from featcache.errors import FeatcacheError
+    from featcache.errors import FeatcacheError, UsageError
 
     warnings.showwarning = _show_warning
     # featcache refuses such images itself, with the reason, so Pillow's warning is noise
@@ -929,6 +930,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except UsageError as e:  # a mistyped value, as a mistyped option: exit status 2
+        _error(str(e), debug, status=2)
     except FeatcacheError as e:
         _error(str(e), debug)
     except OSError as e:  # about a path the user gave: theirs to fix

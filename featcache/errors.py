@@ -17,6 +17,11 @@ class ImageError(FeatcacheError):
         self.source = source
 
 
+class UsageError(FeatcacheError):
+    """A value the user gave names nothing that exists (a mistyped backbone): exit status 2 at the
+    command line, as for a mistyped option."""
+
+
 class CacheMismatchError(FeatcacheError):
     """An existing feature cache was made with another backbone, weights or settings than asked for."""
 

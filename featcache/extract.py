@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from featcache.backbones.identity import BackboneIdentity, Embedder
+from featcache.backbones.registry import get_entry
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
@@ -105,6 +106,8 @@ def extract(
         raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
     if options.virtual and spec.maps is not None:
         raise FeatcacheError("virtual=True indexes features only: a cache with maps is written whole")
+    if spec.backbone is not None:
+        get_entry(spec.backbone)  # a mistyped backbone is told before the folder is read
     if run.scheduler is not None:
         workers_to_start(run.scheduler)  # a mistyped scheduler is an error even when nothing is left to do
     output = writable_file(output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from featcache.choices import PLOT_METHODS
 from featcache.dataset import LabelMap
+from featcache.errors import FeatcacheWarning
 from featcache.files import replaced_atomically
 
 
@@ -96,6 +98,35 @@ def _pyplot():
     return plt
 
 
+CJK_FONTS = (
+    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans SC",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "SimHei", "Microsoft YaHei",
+    "PingFang SC", "Hiragino Sans GB", "AR PL UMing CN", "AR PL UKai CN",
+)  # fmt: skip
+"""Fonts with CJK characters, the first one installed drawing the class names that need one."""
+
+
+def _font_rc(names: list[str]) -> dict[str, Any]:
+    """The matplotlib settings that draw ``names``: none unless a name holds CJK characters, then
+    the default font followed by an installed CJK font (each character is drawn by the first font
+    that has it). Without one, a warning says the names will show as boxes."""
+    if not any(display_width(n) > len(n) for n in names):
+        return {}
+    from matplotlib import font_manager, rcParams
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((f for f in CJK_FONTS if f in installed), None)
+    if found is None:
+        warnings.warn(
+            "no font with CJK characters is installed (e.g. Debian's fonts-noto-cjk or fonts-wqy-zenhei): "
+            "class names in the picture show as empty boxes",
+            FeatcacheWarning,
+            stacklevel=3,
+        )
+        return {}
+    return {"font.family": [*rcParams["font.sans-serif"][:1], found]}
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     """Lay out ``fig``, write it whole to ``path`` as PNG, and free it."""
     fig.tight_layout()
@@ -111,26 +142,27 @@ def save_confusion_png(
 ) -> Path:
     """Draw a confusion matrix (rows: true class, columns: predicted), readable up to a few dozen classes."""
     plt = _pyplot()
-    n = len(names)
-    side = max(5.0, 0.38 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=110)
-    totals = matrix.sum(axis=1, keepdims=True)
-    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    font = 9 if n <= 12 else 7 if n <= 30 else 5
-    for i in range(n):
-        for j in range(n):
-            if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=font,
-                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
-    ax.set_xticks(range(n), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=font + 1)
-    ax.set_yticks(range(n), names, fontsize=font + 1)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return _save(fig, path)
+    with plt.rc_context(_font_rc(names)):
+        n = len(names)
+        side = max(5.0, 0.38 * n + 2.5)
+        fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=110)
+        totals = matrix.sum(axis=1, keepdims=True)
+        share = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
+        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        font = 9 if n <= 12 else 7 if n <= 30 else 5
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=font,
+                            color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(n), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=font + 1)
+        ax.set_yticks(range(n), names, fontsize=font + 1)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if title:
+            ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+        return _save(fig, path)
 
 
 def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
@@ -159,33 +191,34 @@ def save_embedding_png(
     each class named at its median (moved aside, with a line to it, where names would overlap),
     with a legend beside the map."""
     plt = _pyplot()
-    n = len(names)
-    colours = plt.get_cmap("tab10").colors
-    markers = "os^DvPX*"
-    height = max(6.0, 0.24 * n + 1.5)
-    fig, ax = plt.subplots(figsize=(height + 3.5, height), dpi=110)
-    size = 18 if len(points) <= 2000 else 8
-    unlabelled = labels < 0
-    if unlabelled.any():
-        ax.scatter(*points[unlabelled].T, s=size, c="0.75", marker=".", label="unlabelled")
-    medians = []
-    for k in range(n):
-        mine = points[labels == k]
-        if not len(mine):
-            continue
-        colour, marker = colours[k % 10], markers[(k // 10) % len(markers)]
-        ax.scatter(*mine.T, s=size, color=colour, marker=marker, alpha=0.75, linewidths=0,
-                   label=f"{names[k]} ({len(mine)})")  # fmt: skip
-        medians.append((np.median(mine, axis=0), names[k], [0.6 * c for c in colour]))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, markerscale=1.5,
-              handletextpad=0.3, borderaxespad=0)  # fmt: skip
-    fig.tight_layout()
-    _name_clusters(ax, medians, fontsize=8 if n <= 12 else 7)
-    return _save(fig, path)
+    with plt.rc_context(_font_rc(names)):
+        n = len(names)
+        colours = plt.get_cmap("tab10").colors
+        markers = "os^DvPX*"
+        height = max(6.0, 0.24 * n + 1.5)
+        fig, ax = plt.subplots(figsize=(height + 3.5, height), dpi=110)
+        size = 18 if len(points) <= 2000 else 8
+        unlabelled = labels < 0
+        if unlabelled.any():
+            ax.scatter(*points[unlabelled].T, s=size, c="0.75", marker=".", label="unlabelled")
+        medians = []
+        for k in range(n):
+            mine = points[labels == k]
+            if not len(mine):
+                continue
+            colour, marker = colours[k % 10], markers[(k // 10) % len(markers)]
+            ax.scatter(*mine.T, s=size, color=colour, marker=marker, alpha=0.75, linewidths=0,
+                       label=f"{names[k]} ({len(mine)})")  # fmt: skip
+            medians.append((np.median(mine, axis=0), names[k], [0.6 * c for c in colour]))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if title:
+            ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False, markerscale=1.5,
+                  handletextpad=0.3, borderaxespad=0)  # fmt: skip
+        fig.tight_layout()
+        _name_clusters(ax, medians, fontsize=8 if n <= 12 else 7)
+        return _save(fig, path)
 
 
 def _name_clusters(ax, medians: list, fontsize: int) -> None:

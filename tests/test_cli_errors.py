@@ -10,8 +10,8 @@ from featcache.cli import as_flags, main
 from featcache.errors import Interrupted
 
 
-def _one_error_line(run, *fragments):
-    assert run.returncode == 1, (run.returncode, run.stderr)
+def _one_error_line(run, *fragments, status=1):
+    assert run.returncode == status, (run.returncode, run.stderr)
     assert "Traceback" not in run.stderr, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
@@ -71,7 +71,6 @@ def test_a_read_only_folder_is_refused_up_front(tmp_path):
         (["export", "--model-path", "missing"], "missing: no such model"),
         (["serve", "--model-path", "missing"], "missing: no such model"),
         (["choose", "missing_dir"], "missing_dir: no such folder"),
-        (["choose", ".", "--only", "--candidate", "no_such_net"], "unknown backbone 'no_such_net'"),
         (
             ["choose", ".", "--only", "--candidate", "efficientnet_lite0@finetune:8"],
             "maps: 8 is not a stage of efficientnet_lite0",
@@ -82,6 +81,41 @@ def test_a_missing_input_is_one_error_line_for_every_command(tmp_path, args, fra
     (tmp_path / "a_file.png").write_bytes(b"")
     run = run_featcache(args, timeout=120, cwd=tmp_path)
     _one_error_line(run, fragment)
+
+
+def test_a_mistyped_backbone_is_a_usage_error_told_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+
+    data = make_dataset(tmp_path / "data", per_class=2)
+    run = run_featcache(["extract", data, "--backbone", "efficientnet_lite00"], timeout=120, cwd=tmp_path)
+    typo = "unknown backbone 'efficientnet_lite00'; did you mean 'efficientnet_lite0'?"
+    _one_error_line(run, typo, status=2)
+    assert not (tmp_path / "features.h5").exists()
+    code = (
+        "import sys\nfrom featcache.cli import main\n"
+        "try:\n    main(['extract', sys.argv[1], '--backbone', 'efficientnet_lite00'])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, data], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    run = run_featcache(["choose", ".", "--only", "--candidate", "no_such_net"], timeout=120, cwd=tmp_path)
+    _one_error_line(run, "unknown backbone 'no_such_net'", status=2)
+
+
+def test_a_near_miss_never_hides_a_torchvision_model():
+    import torchvision
+
+    from featcache.backbones.registry import get_entry
+
+    assert get_entry("efficientnet_b0").name == "efficientnet_b0"  # 0.85 like efficientnet_lite0: no typo
+    names = torchvision.models.list_models(module=torchvision.models)
+    import difflib
+
+    from featcache.backbones.registry import list_backbones
+
+    assert not [n for n in names if n not in list_backbones()
+                and difflib.get_close_matches(n, list_backbones(), n=1, cutoff=0.9)]  # fmt: skip
 
 
 def test_fine_tuning_a_cache_without_maps_is_one_error_line(tmp_path):

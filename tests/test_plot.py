@@ -101,3 +101,23 @@ def test_plot_writes_beside_the_cache_by_default(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["plot", str(features), "--method", "pca"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sub" / "embedding.png").is_file() and not (tmp_path / "embedding.png").exists()
+
+
+def test_cjk_class_names_get_a_font_that_has_them_or_a_warning(tmp_path, monkeypatch):
+    import featcache.report as report
+    from featcache.errors import FeatcacheWarning
+    from featcache.report import per_class_table, save_confusion_png
+
+    names = ["塑料瓶 Plastic Bottle", "报纸 Newspaper"]
+    matrix = np.array([[3, 1], [0, 4]])
+    monkeypatch.setattr(report, "CJK_FONTS", ())  # none installed
+    with pytest.warns(FeatcacheWarning, match="no font with CJK characters is installed .*empty boxes"):
+        save_confusion_png(matrix, names, tmp_path / "none.png")
+    assert report._font_rc(["Plastic Bottle"]) == {}  # Latin names need nothing
+    monkeypatch.setattr(report, "CJK_FONTS", ("No Such Font", "DejaVu Sans"))  # the first one installed
+    assert report._font_rc(names)["font.family"][-1] == "DejaVu Sans"
+    save_confusion_png(matrix, names, tmp_path / "found.png")  # no warning: an error in the tests
+    rows = [{"folder": f"0{i}", "name": n, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3}
+            for i, n in enumerate(names)]  # fmt: skip
+    lines = per_class_table(rows).splitlines()
+    assert len({report.display_width(line) for line in lines}) == 1  # the columns line up

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from featcache.backbones.identity import BackboneEntry
 from featcache.choices import DEFAULT_BACKBONE
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, UsageError
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 _FALLBACKS: list[Callable[[str], BackboneEntry | None]] = []
@@ -31,9 +31,19 @@ def list_backbones() -> list[str]:
 
 
 def get_entry(name: str) -> BackboneEntry:
-    """The registry entry for ``name``; raises :class:`FeatcacheError` for an unknown name."""
+    """The registry entry for ``name``; raises :class:`UsageError` for an unknown name (at once,
+    without asking the fallbacks, when it is a near-miss of a registered one)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    import difflib
+
+    # 0.9: no torchvision model name is that close to a registered one (the nearest, efficientnet_b0
+    # to efficientnet_lite0, is 0.85), so a near-miss is a typo
+    close = difflib.get_close_matches(name, list_backbones(), n=1, cutoff=0.9)
+    if close:
+        raise UsageError(
+            f"unknown backbone {name!r}; did you mean {close[0]!r}? (featcache backbones lists them)"
+        )
     for factory in _FALLBACKS:
         try:
             entry = factory(name)
@@ -41,7 +51,7 @@ def get_entry(name: str) -> BackboneEntry:
             raise FeatcacheError(f"backbone {name!r}: {e}") from None
         if entry is not None:
             return entry
-    raise FeatcacheError(
+    raise UsageError(
         f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}, any torchvision "
         "classification model name (e.g. resnet50), or timm:NAME for any timm model (e.g. timm:convnext_tiny)"
     )
