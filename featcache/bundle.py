@@ -32,6 +32,7 @@ from joblib.numpy_pickle import NumpyUnpickler
 
 from featcache._version import __version__
 from featcache.backbones.identity import BackboneIdentity, tuned_id
+from featcache.choices import DEFAULT_MODEL
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
@@ -40,7 +41,6 @@ from featcache.head import LinearHead
 FORMAT = "featcache-model"
 FORMAT_VERSION = 4
 MODEL_FILE = "best.joblib"
-DEFAULT_MODEL = f"models/{MODEL_FILE}"
 
 
 @dataclass(eq=False)

@@ -7,6 +7,7 @@ killed writer) only ever sees the previous complete cache or the new complete on
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -25,6 +26,19 @@ from featcache.files import replaced_atomically
 
 FORMAT = "featcache-features"
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """How many images a cache holds (labelled or not), of how many classes, its file's size, and
+    for a cache with maps their stage, shape (C, h, w) and KiB per image (float16)."""
+
+    n_images: int
+    n_labelled: int
+    n_classes: int
+    size_bytes: int
+    kib_per_image: float
+    maps: tuple[int, tuple[int, int, int], float] | None = None
 
 
 @dataclass
@@ -105,6 +119,25 @@ class FeatureCache:
             and np.array_equal(self.features, other.features)
             and (self.maps is None) == (other.maps is None)
             and (self.maps is None or np.array_equal(self.maps, other.maps))
+        )
+
+    def summary(self) -> CacheSummary:
+        """Counts and sizes, as ``featcache info`` shows them."""
+        from featcache.backbones.registry import get_entry
+
+        n = len(self)
+        size = self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
+        maps = None
+        if self.identity.maps is not None:
+            shape = get_entry(self.identity.backbone).maps_shape(self.identity.maps)
+            maps = (self.identity.maps, shape, math.prod(shape) * 2 / 1024)
+        return CacheSummary(
+            n_images=n,
+            n_labelled=int((self.labels >= 0).sum()),
+            n_classes=len(self.folders),
+            size_bytes=size,
+            kib_per_image=size / n / 1024 if n else 0.0,
+            maps=maps,
         )
 
     def class_counts(self) -> dict[str, int]:

@@ -4,6 +4,8 @@ Plain data, no heavy imports: the command line builds its option lists from here
 """
 
 DEFAULT_BACKBONE = "mobilenet_v2"
+DEFAULT_MODEL = "models/best.joblib"
+"""Where ``fit`` saves the model and the other commands look for it (``fit -o models``)."""
 FAMILIES = ("logreg", "linsvm", "softmax", "finetune")
 MODELS = (*FAMILIES, "all")
 POOLS = ("avg", "max", "avgmax")

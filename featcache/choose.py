@@ -127,6 +127,21 @@ class ChooseResult:
     def best(self) -> Scored:
         return self.scored[0]
 
+    def to_dict(self, data_dir: str | os.PathLike) -> dict:
+        """The result as plain JSON data, with the commands that extract ``data_dir`` and fit it
+        for each candidate; ``best`` repeats the first candidate."""
+        rows = [
+            {"backbone": s.candidate.backbone, "layers": s.layers, "asked": s.candidate.layers,
+             "feature_dim": s.feature_dim, "cv_accuracy_mean": s.cv_accuracy_mean,
+             "cv_accuracy_std": s.cv_accuracy_std, "images_per_second": s.images_per_second,
+             "engine": s.engine, "computed": s.n_computed, "model": s.candidate.family,
+             "fit_seconds": s.fit_seconds, "kib_per_image": s.kib_per_image,
+             "command": s.extract_command(data_dir), "fit_command": s.fit_command()}
+            for s in self.scored
+        ]  # fmt: skip
+        return {"n_images": self.n_images, "n_classes": self.n_classes, "cv": self.cv,
+                "workdir": str(self.workdir), "candidates": rows, "best": rows[0]}  # fmt: skip
+
 
 def default_candidates() -> list[Candidate]:
     """The backbones whose weights are on this machine, each with ``last`` and ``multi`` layers,

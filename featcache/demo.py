@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,3 +90,91 @@ def examples(folder: str | os.PathLike, n: int = 6, seed: int = 0) -> list[Path]
         if len(picked) == n:
             break
     return picked
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of :func:`run`: its ``number`` (1-5), what it does, the command that does the same
+    from inside the workdir, and once it is done its ``result`` (None before)."""
+
+    number: int
+    what: str
+    command: str
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Picked:
+    """A held-out image the demo predicted: its path relative to the workdir, the prediction, and
+    the display name of its true class."""
+
+    path: str
+    prediction: Any
+    truth: str
+
+
+def run(
+    workdir: str | os.PathLike,
+    backbone: str = BACKBONE,
+    weights: str | None = None,
+    on_step: Callable[[Step], None] | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> DemoData:
+    """The whole job on the demo data in ``workdir``: extract the training images, fit, evaluate on
+    the held-out ones, predict a few, and draw the map of the cache.
+
+    ``on_step`` is told each :class:`Step` as it starts and again, with its result, when it ends
+    (an ``ExtractResult``, a ``FitResult``, an ``Evaluation``, a list of :class:`Picked`, the
+    picture's path). ``on_progress`` follows the extraction and ``on_message`` gets ``fit``'s lines.
+    """
+    from featcache.errors import CacheMismatchError
+    from featcache.evaluate import evaluate
+    from featcache.extract import extract
+    from featcache.fit import fit
+    from featcache.predictor import Predictor
+    from featcache.report import plot_embedding
+
+    work = Path(workdir)
+    data = prepare_workdir(work)
+    options = f"--backbone {backbone}" + (f" --weights {weights}" if weights else "")
+
+    def step(number: int, what: str, command: str, action: Callable[[], Any]) -> Any:
+        started = Step(number, what, command)
+        if on_step:
+            on_step(started)
+        result = action()
+        if on_step:
+            on_step(dataclasses.replace(started, result=result))
+        return result
+
+    def extract_train() -> Any:
+        settings = dict(backbone=backbone, weights=weights, labels=data.labels, on_progress=on_progress)
+        try:
+            return extract(data.train, work / "features.h5", **settings)
+        except CacheMismatchError:  # the demo's cache of another backbone: the demo's to replace
+            if on_message:
+                on_message("(replacing the cache made with another backbone)")
+            return extract(data.train, work / "features.h5", overwrite=True, **settings)
+
+    def predict_some() -> list[Picked]:
+        picks = examples(data.test)
+        predictor = Predictor.load(work / "models")
+        names = dict(zip(predictor.folders, predictor.names, strict=True))
+        return [
+            Picked(os.path.relpath(path, work), p, names.get(path.parent.name, path.parent.name))
+            for p, path in zip(predictor.predict_files(picks), picks, strict=True)
+        ]
+
+    n_train, n_test = data.count("train"), data.count("test")
+    shown = [os.path.relpath(p, work) for p in examples(data.test)]
+    step(1, f"Extract: embed the {n_train} training images once",
+         f"featcache extract data/train {options} --labels data/labels.json", extract_train)  # fmt: skip
+    step(2, "Fit: cross-validate three classifier families on the cache, keep the best", "featcache fit",
+         lambda: fit(work / "features.h5", output=work / "models", on_progress=on_message))  # fmt: skip
+    step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test",
+         lambda: evaluate(data.test, work / "models"))  # fmt: skip
+    step(4, "Predict a few held-out images", f"featcache predict {' '.join(shown[:2])} ...", predict_some)
+    step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot",
+         lambda: plot_embedding(work / "features.h5", work / "embedding.png"))  # fmt: skip
+    return data

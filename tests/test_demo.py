@@ -94,6 +94,26 @@ def test_demo_runs_the_whole_job_offline(demo_runs):
 
 
 @pytest.mark.slow
+def test_the_demo_pipeline_is_a_library_call_that_reports_each_step(demo_runs, tmp_path):
+    from featcache.cache import read_cache as read
+
+    work, _, _ = demo_runs
+    steps = []
+    demo.run(work, on_step=steps.append)  # the CLI's workdir: reused as it is
+    assert [(s.number, s.result is None) for s in steps] == [
+        (n, done) for n in range(1, 6) for done in (True, False)
+    ]
+    results = {s.number: s.result for s in steps if s.result is not None}
+    assert results[1].n_computed == 0 and results[1].n_images == len(read(work / "features.h5"))
+    assert results[2].report["n_images"] == 400 and results[3].n_images == 200
+    assert len(results[4]) == 6 and all(p.path.startswith("data/test/") for p in results[4])
+    assert results[5] == work / "embedding.png"
+    assert [s.command for s in steps[:2]] == [
+        "featcache extract data/train --backbone efficientnet_lite0 --labels data/labels.json"
+    ] * 2
+
+
+@pytest.mark.slow
 def test_demo_rerun_reuses_the_cache(demo_runs):
     _, first, second = demo_runs
     assert second.returncode == 0, second.stderr

@@ -57,7 +57,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"featcache.backbones.identity", "featcache.backbones.build", "featcache.cli"} <= set(graph)
+    assert {"featcache.backbones.identity", "featcache.backbones.build", "featcache.cli.app"} <= set(graph)
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]  # the check finds one when there is one
 
@@ -89,6 +89,7 @@ TORCH_FREE = [
     "featcache.bundle",
     "featcache.predictor",
     "featcache.cli",
+    "featcache.cli.commands",
     "featcache.embedding",
     "featcache.distributed",
     "featcache.backbones.timm_any",
@@ -140,6 +141,13 @@ def test_the_image_loader_imports_no_backbone():
     assert not {m for m in import_graph()["featcache.images"] if m.startswith("featcache.backbones")}
 
 
+def test_python_m_featcache_and_python_cli_py_are_the_command():
+    root = PACKAGE.parent
+    for cmd in ([sys.executable, "-m", "featcache", "--version"], [sys.executable, "cli.py", "--version"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
+        assert out.startswith("featcache, version "), out
+
+
 def test_one_process_extraction_imports_no_dask():
     code = "import sys, featcache.cli, featcache.extract; print('dask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -186,5 +194,5 @@ def test_the_wheel_holds_no_test_tooling(tmp_path):
     )  # fmt: skip
     (wheel,) = tmp_path.glob("featcache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "featcache/cli.py" in names and "featcache/backbones/build.py" in names
+    assert "featcache/cli/__init__.py" in names and "featcache/backbones/build.py" in names
     assert not [n for n in names if "testing" in n or n.startswith("tests/") or "/support/" in n], names

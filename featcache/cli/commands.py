@@ -1,78 +1,30 @@
-"""The ``featcache`` command line: thin click commands over the library.
-
-This is the only module that prints or chooses an exit status. Heavy libraries (torch,
-scikit-learn) are imported inside the commands so that ``featcache --help`` stays fast.
-"""
+"""The commands: each parses its options, calls the library, and renders what it returns."""
 
 from __future__ import annotations
 
-import json
-import math
-import re
+import dataclasses
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
 import click
 
 from featcache import choices
-from featcache._version import __version__
-
-DEFAULT_MODEL = "models/best.joblib"  # featcache.bundle.DEFAULT_MODEL, without importing joblib for --help
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _Command(click.Command):
-    """A command that also takes ``--debug`` after its name (``main`` reads it from the arguments)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.params.append(
-            click.Option(
-                ["--debug"], is_flag=True, expose_value=False, help="Show full tracebacks for errors."
-            )
-        )
-
-
-class _Group(click.Group):
-    command_class = _Command
-
-
-def _batch_size_option(help_text: str):
-    return click.option(
-        "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help=help_text
-    )
-
-
-def _auto_option(flag: str, values: tuple[str, ...], help_text: str):
-    return click.option(flag, type=click.Choice(values), default="auto", show_default=True, help=help_text)
-
-
-def _model_path_option(help_text: str):
-    return click.option("--model-path", default=DEFAULT_MODEL, show_default=True, help=help_text)
-
-
-def _device_option(help_text: str):
-    return _auto_option("--device", choices.DEVICES, help_text)
-
-
-def _engine_option(help_text: str):
-    return _auto_option(
-        "--engine", choices.ENGINES, help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO."
-    )
-
-
-@click.group(cls=_Group, context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="featcache")
-@click.option("--debug", is_flag=True, expose_value=False, help="Show full tracebacks for errors.")
-def cli() -> None:
-    """Train an image classifier on a folder of labelled images in seconds.
-
-    A frozen ImageNet CNN embeds every image once into an HDF5 cache (extract); classical
-    classifiers are cross-validated on that cache (fit); the best one classifies new images
-    (predict). New here? 'featcache demo' runs it all on images that ship with featcache.
-    """
+from featcache.cli.app import cli
+from featcache.cli.options import (
+    batch_size_option,
+    device_option,
+    engine_option,
+    model_path_option,
+)
+from featcache.cli.progress import EpochBar, ProgressBar
+from featcache.cli.render import (
+    echo_evaluation,
+    echo_extract,
+    echo_fit,
+    echo_layers,
+    echo_prediction,
+    printable,
+)
 
 
 @cli.command()
@@ -89,7 +41,7 @@ def backbones(layers_of: str | None) -> None:
     from featcache.backbones.weights import installed_backbones
 
     if layers_of is not None:
-        _echo_layers(get_entry(layers_of))
+        echo_layers(get_entry(layers_of))
         return
     names, installed = list_backbones(), installed_backbones()
     for name in names:
@@ -108,20 +60,6 @@ def backbones(layers_of: str | None) -> None:
         "Any torchvision classification model name (e.g. resnet50), and timm:NAME for any timm model "
         "(e.g. timm:convnext_tiny.fb_in22k_ft_in1k), work too."
     )
-
-
-def _echo_layers(entry) -> None:
-    size = entry.preprocessing.size
-    click.echo(f"{entry.name}: layers for --layers (each is pooled, then they are concatenated)")
-    click.echo(f"  {'stage':>5}  {'module':<14} {'channels':>8}  output at {size}x{size}")
-    for i, stage in enumerate(entry.stages):
-        side = -(-size // stage.reduction)
-        click.echo(f"  {i:>5}  {stage.module:<14} {stage.channels:>8}  {side}x{side}")
-    click.echo(f"  {'last':>5}  {'(features)':<14} {entry.feature_dim:>8}  the layer the classifier pools")
-    click.echo(f"  multi = {entry.multi}: {entry.layers_dim(entry.multi)} channels")
-    example = ",".join([*(str(i) for i in range(max(0, len(entry.stages) - 2), len(entry.stages))), "last"])
-    if entry.stages:
-        click.echo(f"  e.g. --layers {example}")
 
 
 @cli.command()
@@ -181,7 +119,7 @@ def _echo_layers(entry) -> None:
     "on GPUs, and changes the features slightly (the model's predictions use the same). "
     "Default: the cache's, else fp32.",
 )
-@_batch_size_option("Images per forward pass.")
+@batch_size_option("Images per forward pass.")
 @click.option(
     "--workers",
     type=click.IntRange(min=0),
@@ -189,8 +127,8 @@ def _echo_layers(entry) -> None:
     show_default=True,
     help="Decoding threads working ahead of the model (0: decode in the main thread).",
 )
-@_device_option("Where the backbone runs.")
-@_engine_option("What runs the backbone.")
+@device_option("Where the backbone runs.")
+@engine_option("What runs the backbone.")
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -244,7 +182,7 @@ def extract(
     """
     from featcache.extract import extract as run_extract
 
-    bar = _ProgressBar("extract", quiet)
+    bar = ProgressBar("extract", quiet)
     try:
         result = run_extract(
             data_dir,
@@ -269,7 +207,7 @@ def extract(
         )
     finally:
         bar.close()
-    _echo_extract(result)
+    echo_extract(result)
 
 
 @cli.command()
@@ -295,9 +233,9 @@ def extract(
     help="Where the sample's features are kept for reruns. Default: a folder per dataset in featcache's "
     "cache folder (~/.cache/featcache/choose).",
 )
-@_batch_size_option("Images per forward pass.")
-@_device_option("Where the backbones run.")
-@_engine_option("What runs the backbones.")
+@batch_size_option("Images per forward pass.")
+@device_option("Where the backbones run.")
+@engine_option("What runs the backbones.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def choose(
@@ -335,7 +273,7 @@ def choose(
         if not bars or bars[-1].desc != str(candidate):
             if bars:
                 bars[-1].close()
-            bars.append(_ProgressBar(str(candidate), quiet or as_json))
+            bars.append(ProgressBar(str(candidate), quiet or as_json))
         bars[-1].update(p)
 
     try:
@@ -347,18 +285,9 @@ def choose(
         if bars:
             bars[-1].close()
     if as_json:
-        rows = [
-            {"backbone": s.candidate.backbone, "layers": s.layers, "asked": s.candidate.layers,
-             "feature_dim": s.feature_dim, "cv_accuracy_mean": s.cv_accuracy_mean,
-             "cv_accuracy_std": s.cv_accuracy_std, "images_per_second": s.images_per_second,
-             "engine": s.engine, "computed": s.n_computed, "model": s.candidate.family,
-             "fit_seconds": s.fit_seconds, "kib_per_image": s.kib_per_image,
-             "command": s.extract_command(data_dir), "fit_command": s.fit_command()}
-            for s in result.scored
-        ]  # fmt: skip
-        out = {"n_images": result.n_images, "n_classes": result.n_classes, "cv": result.cv,
-               "workdir": str(result.workdir), "candidates": rows, "best": rows[0]}  # fmt: skip
-        click.echo(json.dumps(out, indent=2))
+        import json
+
+        click.echo(json.dumps(result.to_dict(data_dir), indent=2))
         return
     click.echo(
         f"{result.n_images} images ({result.n_classes} classes, up to {per_class} each), "
@@ -384,17 +313,14 @@ def choose(
 @click.option("--skipped", "show_skipped", is_flag=True, help="List every skipped file with its reason.")
 def info(features: str, show_skipped: bool) -> None:
     """Describe a feature cache: images, classes, backbone identity, skipped files, size."""
-    import os
-
     from featcache.cache import read_cache
 
     cache = read_cache(features)
+    summary = cache.summary()
     ident = cache.identity
     p = ident.preprocessing
-    size = os.path.getsize(features)
-    n = len(cache)
-    labelled = int((cache.labels >= 0).sum())
-    counts = f"{n} images ({labelled} labelled, {n - labelled} unlabelled), {len(cache.folders)} classes"
+    n, labelled = summary.n_images, summary.n_labelled
+    counts = f"{n} images ({labelled} labelled, {n - labelled} unlabelled), {summary.n_classes} classes"
     click.echo(f"{features}: {counts}")
     click.echo(f"  backbone     {ident.backbone}, weights {ident.weights}")
     click.echo(f"  weights sha  {ident.weights_sha256}")
@@ -403,13 +329,10 @@ def info(features: str, show_skipped: bool) -> None:
         f"computed in {ident.precision}"
         f"{f' on {cache.engine}' if cache.engine else ''}, stored as {cache.dtype}"
     )
-    if ident.maps is not None:
-        from featcache.backbones.registry import get_entry
-
-        shape = get_entry(ident.backbone).maps_shape(ident.maps)
-        per = math.prod(shape) * 2 / 1024
+    if summary.maps is not None:
+        stage, shape, per = summary.maps
         dims = "x".join(map(str, shape))
-        click.echo(f"  maps         stage {ident.maps}: {dims} float16, {per:.1f} KiB per image")
+        click.echo(f"  maps         stage {stage}: {dims} float16, {per:.1f} KiB per image")
     crop = f" {p.crop_pct:g}" if p.crop_pct != 1 else ""
     click.echo(
         f"  preprocess   {p.size}x{p.size} {p.resize}{crop} ({p.interpolation}), mean {p.mean}, std {p.std}"
@@ -418,8 +341,8 @@ def info(features: str, show_skipped: bool) -> None:
     made = f"{cache.shards} shard(s) on a Dask cluster" if cache.shards else "one process"
     click.echo(f"  made by      {made}")
     click.echo(f"  created      {cache.created} by featcache {cache.featcache_version}")
-    per_image = f", {size / n / 1024:.2f} KiB per image" if n else ""
-    click.echo(f"  size         {size / 1024 / 1024:.2f} MiB{per_image}")
+    per_image = f", {summary.kib_per_image:.2f} KiB per image" if n else ""
+    click.echo(f"  size         {summary.size_bytes / 1024 / 1024:.2f} MiB{per_image}")
     if cache.folders:
         click.echo("  classes:")
         for folder, count in cache.class_counts().items():
@@ -429,68 +352,9 @@ def info(features: str, show_skipped: bool) -> None:
     click.echo(f"  skipped      {len(cache.skipped)} file(s)")
     listing = cache.skipped if show_skipped else cache.skipped[:10]
     for path, reason in listing:
-        click.echo(f"    {_printable(path)}: {reason}")
+        click.echo(f"    {printable(path)}: {reason}")
     if len(listing) < len(cache.skipped):
         click.echo(f"    ... and {len(cache.skipped) - len(listing)} more (--skipped lists all)")
-
-
-_UNITS = {"download": "B", "extract": "img", "fit": "epoch"}
-
-
-class _ProgressBar:
-    """tqdm bars driven by the library's progress callbacks: one per stage (download, extract)."""
-
-    def __init__(self, desc: str, quiet: bool):
-        self.desc, self.quiet, self.bar, self.stage = desc, quiet, None, None
-
-    def update(self, progress) -> None:
-        if self.quiet:
-            return
-        if self.bar is None or progress.stage != self.stage:
-            from tqdm import tqdm
-
-            self.close()
-            self.stage = progress.stage
-            download = progress.stage == "download"
-            self.bar = tqdm(
-                total=progress.total, initial=progress.done, desc="weights" if download else self.desc,
-                unit=_UNITS[progress.stage], unit_scale=download, dynamic_ncols=True,
-            )  # fmt: skip
-        self.bar.update(progress.done - self.bar.n)
-        if progress.stage == "extract":
-            self.bar.set_postfix(skipped=progress.skipped, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _echo_extract(result) -> None:
-    ident = result.identity
-    click.echo(
-        f"{result.output}: {result.n_images} images, {ident.backbone} ({ident.weights}), "
-        f"{ident.feature_dim}-d {ident.pool}-pooled"
-        f"{'' if ident.layers == 'last' else f' layers {ident.layers}'}"
-        f"{'' if ident.maps is None else f' + maps of stage {ident.maps}'}, "
-        f"{ident.precision} on {result.engine}; "
-        f"computed {result.n_computed}, "
-        f"reused {result.n_reused}, removed {result.n_removed} in {result.seconds:.1f} s"
-        + ("" if result.written else " (unchanged)")
-        + (f"; {result.shards} shard(s) on a Dask cluster" if result.shards else "")
-    )
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} file(s):", err=True)
-        for path, reason in result.skipped[:20]:
-            click.echo(f"  {_printable(path)}: {reason}", err=True)
-        if len(result.skipped) > 20:
-            click.echo(
-                f"  ... and {len(result.skipped) - 20} more ('featcache info --skipped' lists all)", err=True
-            )
-
-
-def _printable(path: str) -> str:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @cli.command()
@@ -520,7 +384,7 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
     """
     from featcache.fit import fit as run_fit
 
-    bar = _EpochBar()
+    bar = EpochBar()
     try:
         result = run_fit(
             features, model=model, cv=cv, output=output, seed=seed, on_progress=bar.message,
@@ -528,57 +392,15 @@ def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
         )  # fmt: skip
     finally:
         bar.close()
-    _echo_fit(result)
-
-
-class _EpochBar:
-    """A tqdm bar over the epochs of the families that train in epochs (every setting, fold and the
-    refit); messages go above it, never into it."""
-
-    def __init__(self):
-        self.bar = None
-
-    def update(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="epochs", unit="epoch", dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-
-    def message(self, text: str) -> None:
-        if self.bar is None:
-            click.echo(text, err=True)
-        else:
-            self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _echo_fit(result, per_class: bool = True) -> None:
-    from featcache.report import families_table, per_class_table
-
-    report = result.report
-    click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {report['cv']}-fold CV "
-               f"(seed {report['seed']})")  # fmt: skip
-    click.echo(families_table(report))
-    if per_class:
-        click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
-        click.echo(per_class_table(report["per_class"]))
-    else:
-        click.echo(f"best: {report['best']}, refit on all {report['n_images']} images")
-    click.echo(f"\nmodel   {result.model_path}")
-    click.echo(f"report  {result.report_path}")
-    click.echo(f"matrix  {result.confusion_path}")
+    echo_fit(result)
 
 
 @cli.command()
 @click.argument("source")
-@_model_path_option("Model bundle to score, or the folder 'fit -o' wrote.")
-@_batch_size_option("Images per forward pass (image folders only).")
-@_device_option("Where the backbone runs (image folders only).")
-@_engine_option("What runs the backbone (image folders only).")
+@model_path_option("Model bundle to score, or the folder 'fit -o' wrote.")
+@batch_size_option("Images per forward pass (image folders only).")
+@device_option("Where the backbone runs (image folders only).")
+@engine_option("What runs the backbone (image folders only).")
 def evaluate(source: str, model_path: str, batch_size: int, device: str, engine: str) -> None:
     """Score a saved model on a feature cache or a labelled image folder.
 
@@ -588,30 +410,19 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str, engine:
     """
     from featcache.fit import evaluate as run_evaluate
 
-    _echo_evaluation(
+    echo_evaluation(
         source, run_evaluate(source, model_path, batch_size=batch_size, device=device, engine=engine)
     )
 
 
-def _echo_evaluation(source: str, ev) -> None:
-    from featcache.report import per_class_table
-
-    click.echo(f"{source}: {ev.n_images} labelled images")
-    click.echo(f"accuracy  {100 * ev.accuracy:.2f} %")
-    click.echo(f"macro-F1  {100 * ev.macro_f1:.2f} %")
-    click.echo(per_class_table(ev.per_class))
-    if ev.skipped:
-        click.echo(f"skipped {len(ev.skipped)} unreadable file(s)", err=True)
-
-
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
-@_model_path_option("Model bundle to use, or the folder 'fit -o' wrote.")
+@model_path_option("Model bundle to use, or the folder 'fit -o' wrote.")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
-@_batch_size_option("Images per forward pass.")
-@_device_option("Where the backbone runs; auto picks CUDA when available.")
-@_engine_option("What runs the backbone.")
+@batch_size_option("Images per forward pass.")
+@device_option("Where the backbone runs; auto picks CUDA when available.")
+@engine_option("What runs the backbone.")
 def predict(
     paths: tuple[str, ...],
     model_path: str,
@@ -633,7 +444,7 @@ def predict(
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None
-        _echo_prediction(p, as_json)
+        echo_prediction(p, as_json)
     if failed:
         click.echo(f"{failed} input(s) could not be read", err=True)
         sys.exit(1)
@@ -697,80 +508,29 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     """
     import time
 
-    start = time.perf_counter()
-    import dataclasses
-    import os
-
     from featcache import demo as demo_data
-    from featcache.errors import CacheMismatchError
-    from featcache.extract import extract as run_extract
-    from featcache.fit import evaluate as run_evaluate
-    from featcache.fit import fit as run_fit
-    from featcache.predictor import Predictor
-    from featcache.report import plot_embedding
 
+    start = time.perf_counter()
     work = Path(workdir)
-    data = demo_data.prepare_workdir(work)
-    n_train, n_test = data.count("train"), data.count("test")
-    n_classes = sum(1 for p in data.train.iterdir() if p.is_dir())
+    bar = ProgressBar("extract", quiet)
+    test = str(work / "data" / "test")
 
-    def step(k: int, what: str, command: str) -> None:
-        click.echo("\n" + click.style(f"[{k}/5] {what}", bold=True))
-        click.echo(f"      $ {command}")
-
-    click.echo(
-        click.style("featcache demo", bold=True) + f": {n_train} training and {n_test} held-out "
-        f"Fashion-MNIST images of {n_classes} classes, copied to {data.root}"
-    )
-    if backbone == demo_data.BACKBONE:
-        click.echo(
-            f"Backbone {backbone}: its ImageNet weights are installed with featcache, so the demo runs "
-            "offline.\nThe default backbone, mobilenet_v2, downloads its ImageNet weights (14 MB) once, "
-            "on a machine with internet."
-        )
-    click.echo(f"Each step shows the command that does the same from inside {work}/")
-
-    options = f"--backbone {backbone}" + (f" --weights {weights}" if weights else "")
-    step(1, f"Extract: embed the {n_train} training images once",
-         f"featcache extract data/train {options} --labels data/labels.json")  # fmt: skip
-
-    def run(overwrite: bool):
-        bar = _ProgressBar("extract", quiet)
-        try:
-            return run_extract(data.train, work / "features.h5", backbone=backbone, weights=weights,
-                               labels=data.labels, overwrite=overwrite, on_progress=bar.update)  # fmt: skip
-        finally:
-            bar.close()
+    def step(s: demo_data.Step) -> None:
+        if s.result is None:
+            if s.number == 1:  # the data is in place: say what it is
+                _demo_heading(work, backbone)
+            click.echo("\n" + click.style(f"[{s.number}/5] {s.what}", bold=True))
+            click.echo(f"      $ {s.command}")
+            return
+        bar.close()
+        {1: echo_extract, 2: lambda r: echo_fit(r, per_class=False), 3: lambda r: echo_evaluation(test, r),
+         4: _echo_picks, 5: click.echo}[s.number](s.result)  # fmt: skip
 
     try:
-        extracted = run(overwrite=False)
-    except CacheMismatchError:  # the demo's cache of another backbone: the demo's to replace
-        click.echo("      (replacing the cache made with another backbone)")
-        extracted = run(overwrite=True)
-    _echo_extract(extracted)
-
-    step(2, "Fit: cross-validate three classifier families on the cache, keep the best", "featcache fit")
-    fitted = run_fit(
-        work / "features.h5", output=work / "models", on_progress=lambda m: click.echo(m, err=True)
-    )
-    _echo_fit(fitted, per_class=False)
-
-    step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test")
-    _echo_evaluation(str(data.test), run_evaluate(data.test, work / "models" / "best.joblib"))
-
-    picks = demo_data.examples(data.test)
-    shown = [os.path.relpath(p, work) for p in picks]
-    step(4, "Predict a few held-out images", "featcache predict " + " ".join(shown[:2]) + " ...")
-    predictor = Predictor.load(work / "models" / "best.joblib")
-    names = dict(zip(predictor.folders, predictor.names, strict=True))
-    for p, rel, path in zip(predictor.predict_files(picks), shown, picks, strict=True):
-        truth = names.get(path.parent.name, path.parent.name)
-        verdict = "" if p.error else "  right" if p.label == truth else f"  WRONG, it is {truth}"
-        _echo_prediction(dataclasses.replace(p, path=rel), suffix=verdict)
-
-    step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot")
-    click.echo(plot_embedding(work / "features.h5", work / "embedding.png"))
-
+        demo_data.run(work, backbone, weights, on_step=step, on_progress=bar.update,
+                      on_message=lambda m: click.echo(m, err=True))  # fmt: skip
+    finally:
+        bar.close()
     click.echo("\n" + click.style(f"Done in {time.perf_counter() - start:.0f} s.", bold=True)
                + f" Everything is in {work}/:")  # fmt: skip
     for name, what in [
@@ -786,8 +546,33 @@ def demo(workdir: str, backbone: str, weights: str | None, quiet: bool) -> None:
     )
 
 
+def _echo_picks(picks: list) -> None:
+    for pick in picks:
+        p = pick.prediction
+        verdict = "" if p.error else "  right" if p.label == pick.truth else f"  WRONG, it is {pick.truth}"
+        echo_prediction(dataclasses.replace(p, path=pick.path), suffix=verdict)
+
+
+def _demo_heading(work: Path, backbone: str) -> None:
+    from featcache import demo as demo_data
+
+    data = demo_data.DemoData(work / "data")
+    n_classes = sum(1 for p in data.train.iterdir() if p.is_dir())
+    click.echo(
+        click.style("featcache demo", bold=True) + f": {data.count('train')} training and "
+        f"{data.count('test')} held-out Fashion-MNIST images of {n_classes} classes, copied to {data.root}"
+    )
+    if backbone == demo_data.BACKBONE:
+        click.echo(
+            f"Backbone {backbone}: its ImageNet weights are installed with featcache, so the demo runs "
+            "offline.\nThe default backbone, mobilenet_v2, downloads its ImageNet weights (14 MB) once, "
+            "on a machine with internet."
+        )
+    click.echo(f"Each step shows the command that does the same from inside {work}/")
+
+
 @cli.command()
-@_model_path_option("Model bundle to export, or the folder 'fit -o' wrote.")
+@model_path_option("Model bundle to export, or the folder 'fit -o' wrote.")
 @click.option("-o", "--output", default="model.onnx", show_default=True, help="ONNX file to write.")
 def export(model_path: str, output: str) -> None:
     """Write the model and its backbone to one self-contained ONNX file.
@@ -810,7 +595,7 @@ def export(model_path: str, output: str) -> None:
 
 
 @cli.command()
-@_model_path_option("Model bundle to serve, or the folder 'fit -o' wrote.")
+@model_path_option("Model bundle to serve, or the folder 'fit -o' wrote.")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one)."
 )
@@ -832,8 +617,8 @@ def export(model_path: str, output: str) -> None:
     "--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
     help="Images that arrive together and share one pass through the network (1: no batching).",
 )  # fmt: skip
-@_device_option("Where the backbone runs.")
-@_engine_option("What runs the backbone.")
+@device_option("Where the backbone runs.")
+@engine_option("What runs the backbone.")
 def serve(
     model_path: str, host: str, port: int, token: str | None, max_upload_mb: float, max_batch: int,
     device: str, engine: str,
@@ -857,83 +642,3 @@ def serve(
         err=True,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-def _echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
-    if as_json:
-        click.echo(json.dumps({**p.to_dict(), "path": _printable(p.path)}, ensure_ascii=False))
-    elif p.error is not None:
-        click.echo(f"error: {_printable(p.path)}: {p.error}", err=True)
-    else:
-        ranked = "  ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top_k)
-        category = f"  [{p.category}]" if p.category else ""
-        click.echo(f"{_printable(p.path)}\t{ranked}{category}{suffix}")
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"warning: {message}", err=True)
-
-
-_FLAGS = {
-    "overwrite": "--overwrite",
-    "output": "-o",
-    "weights": "--weights",
-    "backbone": "--backbone",
-    "model_path": "--model-path",
-    "workdir": "--workdir",
-    "device": "--device",
-    "cv": "--cv",
-    "per_class": "--per-class",
-}
-_PARAMETER = re.compile(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[^\s,;:)]+)")
-
-
-def as_flags(message: str) -> str:
-    """A library message with the parameters it names (``overwrite=True``, ``weights=PATH``) written
-    as this command line's options (``--overwrite``, ``--weights PATH``)."""
-
-    def flag(m: re.Match) -> str:
-        option, value = _FLAGS[m.group(1)], m.group(2).strip("'")
-        return option if value == "True" else f"{option} {value}"
-
-    return _PARAMETER.sub(flag, message)
-
-
-def _error(message: str, debug: bool, status: int = 1) -> None:
-    if debug:
-        traceback.print_exc()
-    click.echo(f"error: {as_flags(message)}", err=True)
-    sys.exit(status)
-
-
-def _interrupted(e: BaseException | None) -> None:
-    from featcache.errors import Interrupted
-
-    click.echo(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted", err=True)
-    sys.exit(130)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``featcache`` console script: maps errors to exit statuses."""
-    from featcache.errors import FeatcacheError, UsageError
-
-    warnings.showwarning = _show_warning
-    # featcache refuses such images itself, with the reason, so Pillow's warning is noise
-    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        cli.main(args=argv, prog_name="featcache", standalone_mode=False)
-    except click.exceptions.Abort as e:  # click's form of Ctrl-C
-        _interrupted(e.__cause__ or e.__context__)
-    except KeyboardInterrupt as e:
-        _interrupted(e)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except UsageError as e:  # a mistyped value, as a mistyped option: exit status 2
-        _error(str(e), debug, status=2)
-    except FeatcacheError as e:
-        _error(str(e), debug)
-    except OSError as e:  # about a path the user gave: theirs to fix
-        _error(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), debug)
-    sys.exit(0)

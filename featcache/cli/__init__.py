@@ -1,0 +1,25 @@
+"""The ``featcache`` command line: thin click commands over the library.
+
+This package is the only part of featcache that prints or chooses an exit status. Heavy
+libraries (torch, scikit-learn) are imported inside the commands so that ``featcache --help``
+stays fast. ``app`` holds the group and the error mapping, ``options`` the shared options,
+``progress`` the bars, ``render`` what results look like, and ``commands`` the commands.
+"""
+
+from featcache.cli.app import as_flags, cli, main
+from featcache.cli.commands import (
+    backbones,
+    choose,
+    demo,
+    evaluate,
+    export,
+    extract,
+    fit,
+    info,
+    plot,
+    predict,
+    serve,
+)
+
+__all__ = ["as_flags", "backbones", "choose", "cli", "demo", "evaluate", "export", "extract", "fit", "info",
+           "main", "plot", "predict", "serve"]  # fmt: skip

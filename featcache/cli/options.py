@@ -1,0 +1,36 @@
+"""Options that several commands share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from featcache import choices
+
+Decorator = Callable[[Any], Any]
+
+
+def batch_size_option(help_text: str):
+    return click.option(
+        "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help=help_text
+    )
+
+
+def auto_option(flag: str, values: tuple[str, ...], help_text: str):
+    return click.option(flag, type=click.Choice(values), default="auto", show_default=True, help=help_text)
+
+
+def model_path_option(help_text: str):
+    return click.option("--model-path", default=choices.DEFAULT_MODEL, show_default=True, help=help_text)
+
+
+def device_option(help_text: str):
+    return auto_option("--device", choices.DEVICES, help_text)
+
+
+def engine_option(help_text: str):
+    return auto_option(
+        "--engine", choices.ENGINES, help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO."
+    )
