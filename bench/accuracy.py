@@ -23,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fashion import write_folder
+from harness import recorded
 
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
-from fashion import write_folder  # noqa: E402
-
-from featcache.backbones import get_entry  # noqa: E402
-from featcache.backbones.identity import split_layers  # noqa: E402
-from featcache.cache import read_cache, write_cache  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.fit import evaluate, fit  # noqa: E402
+from featcache.backbones import get_entry
+from featcache.backbones.entry import split_layers
+from featcache.cache import read_cache, write_cache
+from featcache.extract import extract
+from featcache.fit import evaluate, fit
 
 LADDER = "efficientnet_lite0,efficientnet_lite1,efficientnet_lite2"
 SEARCH = [
@@ -100,8 +97,6 @@ def main() -> None:
         "--finetune-backbones", default="efficientnet_lite0", help="backbones --maps applies to"
     )
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
-    print("command: python bench/accuracy.py " + " ".join(sys.argv[1:]), flush=True)
 
     work = args.workdir
     train_dir = write_folder(work / f"train{args.per_class}", "train", args.per_class)
@@ -191,5 +186,6 @@ def scored(
 
 if __name__ == "__main__":
     started = time.perf_counter()
-    main()
-    print(f"\n({time.perf_counter() - started:.0f} s)")
+    with recorded():
+        main()
+        print(f"\n({time.perf_counter() - started:.0f} s)")

@@ -12,19 +12,16 @@ CPU. Prints the CPU line and the GPU's name first.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from harness import recorded
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from cpu import cpu_line  # noqa: E402
-
-from featcache.extract import extract  # noqa: E402
-from featcache.fit import evaluate, fit  # noqa: E402
-from featcache.predictor import Predictor  # noqa: E402
+from featcache.extract import extract
+from featcache.fit import evaluate, fit
+from featcache.predictor import Predictor
 
 
 def main() -> None:
@@ -40,7 +37,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script without a GPU")
     args = parser.parse_args()
-    print(cpu_line())
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"gpu: {gpu_name}; torch {torch.__version__}", flush=True)
     work = args.workdir
@@ -75,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

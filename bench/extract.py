@@ -31,10 +31,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from cpu import cpu_line
+from harness import recorded
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 
 def _peak_mb() -> float:
@@ -175,7 +174,6 @@ def main() -> None:
     for hidden in ("--data", "--backbone", "--weights", "--out", "--extra"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(cpu_line(), flush=True)
     if args.child:
         return _child(args)
 
@@ -254,4 +252,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded(write="--child" not in sys.argv):
+        main()

@@ -9,20 +9,16 @@ It fits 15 settings x 6 times: minutes on a GPU, hours on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from harness import recorded
 from sklearn.model_selection import StratifiedKFold
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
-
-from featcache.cache import read_cache  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.finetune import FinetuneClassifier  # noqa: E402
+from featcache.cache import read_cache
+from featcache.extract import extract
+from featcache.finetune import FinetuneClassifier
 
 SETTINGS = [
     (4, {}), (4, {"lr_max": 3e-3}), (4, {"lr_max": 3e-4}), (4, {"epochs": 40}), (4, {"weight_decay": 0.01}),
@@ -41,7 +37,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", type=Path, default=Path("bench/out/finetune_settings"))
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
     caches = {}
     for stage in sorted({s for s, _ in SETTINGS}):
         caches[stage] = [
@@ -66,4 +61,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

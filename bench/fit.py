@@ -18,24 +18,20 @@ of such fits on 4/5 of the data, about 9 of them: ``--finetune-cv`` runs and tim
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+from harness import recorded
 
 from featcache.backbones import (
-    BackboneIdentity,  # noqa: E402
-    Preprocessing,  # noqa: E402
+    BackboneIdentity,
+    Preprocessing,
 )
-from featcache.cache import FeatureCache, write_cache  # noqa: E402
-from featcache.dataset import load_label_map  # noqa: E402
-from featcache.fit import fit  # noqa: E402
+from featcache.cache import FeatureCache, write_cache
+from featcache.dataset import load_label_map
+from featcache.fit import fit
 
 
 def course_sized_cache(path: Path, n: int = 2600, d: int = 1280, c: int = 26, seed: int = 0) -> Path:
@@ -64,7 +60,6 @@ def main() -> None:
         "--finetune-cv", action="store_true", help="time the whole fit --model finetune --cv 5"
     )
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
     for stage in [int(s) for s in args.finetune_stages.split(",") if s]:
         time_finetune(stage, args.finetune_cv)
     for d in map(int, args.dims.split(",")):
@@ -122,4 +117,5 @@ def time_finetune(stage: int, whole_cv: bool, n: int = 2600, c: int = 26) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

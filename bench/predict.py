@@ -27,15 +27,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from harness import recorded
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
-
-from featcache.extract import extract  # noqa: E402
-from featcache.fit import fit  # noqa: E402
-from featcache.predictor import Predictor  # noqa: E402
+from featcache.extract import extract
+from featcache.fit import fit
+from featcache.predictor import Predictor
 
 BACKBONES = (("efficientnet_lite0", None), ("mobilenet_v2", "random"))
 
@@ -88,7 +85,6 @@ def main() -> None:
     parser.add_argument("--cold-runs", type=int, default=5, help="fresh processes per command")
     parser.add_argument("--engines", default="openvino,torch", help="comma-separated engines")
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-predict-"))
     try:
@@ -147,4 +143,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import h5py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fault injection in tests/support
 
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
-from support import (  # noqa: E402
+from harness import recorded
+from support import (
     PWNED,
     can_honour_permissions,
     hostile_corpus,
@@ -49,8 +48,8 @@ from support import (  # noqa: E402
     tampered_models,
 )
 
-from featcache.bundle import load_bundle  # noqa: E402
-from featcache.cache import read_cache  # noqa: E402
+from featcache.bundle import load_bundle
+from featcache.cache import read_cache
 
 BACKBONE = ["--backbone", "efficientnet_lite0"]
 
@@ -319,7 +318,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--workdir", help="keep the files here instead of a temporary folder")
     args = ap.parse_args()
-    print(cpu_line(), flush=True)
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="featcache-reliability-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -336,4 +334,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -24,10 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+from harness import recorded
 
 
 def throughput(data: Path, tmp: Path) -> None:
@@ -50,8 +46,9 @@ def throughput(data: Path, tmp: Path) -> None:
 
 
 def merge(rows: int, tmp: Path) -> None:
-    from featcache.backbones.identity import BackboneIdentity, Preprocessing
+    from featcache.backbones.identity import BackboneIdentity
     from featcache.cache import FeatureCache, read_cache, write_cache
+    from featcache.preprocessing import Preprocessing
 
     identity = BackboneIdentity("efficientnet_lite0", "IMAGENET1K", "0" * 64, Preprocessing(), "avg", 1280)
     folders = [f"c{i}" for i in range(10)]
@@ -134,7 +131,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000, help="rows of the synthetic merge")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
     import fashion
 
     data = fashion.jpeg_folder(args.workdir, args.jpeg)
@@ -147,4 +143,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

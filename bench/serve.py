@@ -20,17 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import httpx  # noqa: E402
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
-from support import serving  # noqa: E402
+import httpx
+from harness import recorded
+from support import serving
 
-from featcache.demo import DATA  # noqa: E402
-from featcache.extract import extract  # noqa: E402
-from featcache.fit import fit  # noqa: E402
-from featcache.predictor import Predictor  # noqa: E402
+from featcache.demo import DATA
+from featcache.extract import extract
+from featcache.fit import fit
+from featcache.predictor import Predictor
 
 BAD = b"this is not an image"
 
@@ -102,7 +101,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", default="1,4,16")
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
     images = sorted((DATA / "test").rglob("*.png"))
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "features.h5"
@@ -120,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cpu import cpu_line  # noqa: E402  (bench/ is the script folder)
+from harness import recorded
 
 
 def main() -> None:
@@ -26,7 +23,6 @@ def main() -> None:
     parser.add_argument("--jpeg", type=int, default=320, help="500x375 JPEGs")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args()
-    print(cpu_line(), flush=True)
 
     import fashion
     import openvino as ov
@@ -61,4 +57,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with recorded():
+        main()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones.identity import LAST, MULTI, BackboneIdentity
+from featcache.backbones.entry import LAST, MULTI
+from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.backbones.registry import get_entry
 from featcache.dataset import Dataset, scan
 from featcache.errors import CacheMismatchError, FeatcacheError
@@ -288,8 +289,7 @@ def _cached_paths(output: Path, dataset: Dataset) -> set[str]:
 
 def _default_workdir(root: Path) -> Path:
     resolved = str(root.resolve())
-    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
-    return user_cache_dir() / "choose" / f"{_safe(root.resolve().name)}-{digest}"
+    return user_cache_dir() / "choose" / f"{_safe(root.resolve().name)}-{digest(resolved, length=12)}"
 
 
 def _safe(name: str) -> str:

@@ -11,8 +11,6 @@ would. Workers must see the data folder and the output folder at the same paths.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache._version import __version__
-from featcache.backbones.identity import BackboneIdentity, Embedder
+from featcache.backbones.embedder import Embedder
+from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.cache import read_cache, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.embedding import Row, assemble, embed_files
@@ -57,8 +56,7 @@ def plan(
     shards = []
     for index, start in enumerate(range(0, len(files), shard_size)):
         part = tuple(files[start : start + shard_size])
-        described = [identity.to_dict(), dtype, [(f.relpath, f.size, f.mtime_ns) for f in part]]
-        key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+        key = digest(identity, dtype, [(f.relpath, f.size, f.mtime_ns) for f in part], length=16)
         shards.append(Shard(index, part, shard_folder(output) / f"shard-{index:05d}-{key}.h5"))
     return shards
 
@@ -194,7 +192,7 @@ def _embedder(identity: BackboneIdentity, run: RunOptions) -> Embedder:
     """This worker's embedder for ``identity``, built on its first task."""
     from featcache.backbones.build import build_backbone
 
-    key = json.dumps([identity.to_dict(), run.device, run.engine], sort_keys=True)
+    key = digest(identity, run.device, run.engine)
     if key not in _EMBEDDERS:
         _EMBEDDERS[key] = build_backbone(identity, run)
     return _EMBEDDERS[key]

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from featcache.backbones.identity import BackboneIdentity, Embedder
+from featcache.backbones.embedder import Embedder
+from featcache.backbones.identity import BackboneIdentity
 from featcache.cache import FeatureCache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.images import load_batches

@@ -8,7 +8,6 @@ reusable by the next run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from featcache.backbones.identity import BackboneIdentity, Embedder
+from featcache.backbones.embedder import Embedder
+from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.backbones.registry import get_entry
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DTYPES
@@ -364,9 +364,7 @@ class _Partial:
 
     def __init__(self, output: Path, identity: BackboneIdentity, dataset: Dataset, reset: bool):
         self.folder = output.with_name(f".{output.name}.partial")
-        self.key = json.dumps(
-            {**identity.to_dict(), "data_root": str(dataset.root.resolve())}, sort_keys=True
-        )
+        self.key = digest(identity, str(dataset.root.resolve()))
         meta = self.folder / "identity.json"
         if self.folder.exists() and (reset or not meta.is_file() or meta.read_text() != self.key):
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -319,7 +319,8 @@ class FinetuneFamily(Family):
         return X, y, {"clf__identity": cache.identity.to_dict()}
 
     def to_bundle(self, final: Pipeline, cache: FeatureCache, X: np.ndarray, report: dict) -> ModelBundle:
-        from featcache.backbones.identity import LAST, tuned_id
+        from featcache.backbones.entry import LAST
+        from featcache.backbones.identity import tuned_id
         from featcache.backbones.registry import get_entry
         from featcache.bundle import ModelBundle
         from featcache.head import LinearHead

@@ -12,12 +12,12 @@ from PIL import Image
 import featcache.backbones.build as build
 from featcache.backbones.build import build_backbone, resolve_engine
 from featcache.backbones.eager import EagerBackbone
-from featcache.backbones.identity import Preprocessing
 from featcache.backbones.openvino_engine import OpenVINOBackbone, ir_folder
 from featcache.cache import read_cache, write_cache
 from featcache.errors import CacheMismatchError, FeatcacheError, FeatcacheWarning
 from featcache.extract import extract
 from featcache.images import load_image, load_pixels
+from featcache.preprocessing import Preprocessing
 
 
 def _cosines(a, b):

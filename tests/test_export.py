@@ -1,7 +1,6 @@
 """`featcache export`: one ONNX file that gives featcache predict's probabilities."""
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from featcache.fit import fit
 from featcache.images import load_pixels
 from featcache.predictor import Predictor
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "classify_onnx.py"
 pytestmark = pytest.mark.filterwarnings("ignore:mobilenet_v2 uses random weights")
 
 
@@ -118,9 +117,8 @@ except ImportError:
 """
 
 
-def test_the_readme_script_classifies_with_onnxruntime_alone(tmp_path, data):
-    script = re.search(r"<!-- classify_onnx.py -->\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    (tmp_path / "classify_onnx.py").write_text(script)
+def test_the_example_script_classifies_with_onnxruntime_alone(tmp_path, data):
+    (tmp_path / "classify_onnx.py").write_text(EXAMPLE.read_text())
     model_path = _model(tmp_path, data, "efficientnet_lite0", "logreg")
     onnx_path = export(model_path, tmp_path / "model.onnx").path
     predictor = Predictor.load(model_path)

@@ -196,3 +196,31 @@ def test_the_wheel_holds_no_test_tooling(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "featcache/cli/__init__.py" in names and "featcache/backbones/build.py" in names
     assert not [n for n in names if "testing" in n or n.startswith("tests/") or "/support/" in n], names
+
+
+def test_every_package_the_code_imports_is_declared():
+    import importlib.metadata
+    import re
+
+    from setuptools.config.setupcfg import read_configuration
+
+    declared = {
+        re.split(r"[\[<>=!~; ]", r)[0].lower().replace("_", "-")
+        for r in read_configuration(PACKAGE.parent / "setup.cfg")["options"]["install_requires"]
+    }
+    declared |= {"distributed"} if "dask" in declared else set()  # dask[distributed] brings it
+    imported = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"featcache"}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {
+        name: distributions.get(name)
+        for name in third_party
+        if not {d.lower().replace("_", "-") for d in distributions.get(name, [name])} & declared
+    }
+    assert missing == {}

@@ -6,14 +6,10 @@ Importing this package registers the backbone families and imports no torch; bui
 
 # registration order is lookup order: timm's names are recognised by their prefix, before torchvision's
 from featcache.backbones import efficientnet_lite, mobilenet, timm_any, torchvision_any  # noqa: F401, I001
-from featcache.backbones.identity import (
-    RANDOM,
-    BackboneEntry,
-    BackboneIdentity,
-    Embedder,
-    Preprocessing,
-    WeightsSource,
-)
+from featcache.backbones.embedder import Embedder
+from featcache.backbones.entry import BackboneEntry, WeightsSource
+from featcache.backbones.identity import RANDOM, BackboneIdentity
+from featcache.preprocessing import Preprocessing
 from featcache.backbones.registry import get_entry, list_backbones, register, register_fallback
 
 __all__ = [

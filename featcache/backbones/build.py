@@ -21,13 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featcache.backbones.identity import (
-    RANDOM,
-    BackboneEntry,
-    BackboneIdentity,
-    Embedder,
-    tuned_id,
-)
+from featcache.backbones.embedder import Embedder
+from featcache.backbones.entry import BackboneEntry
+from featcache.backbones.identity import RANDOM, BackboneIdentity, tuned_id
 from featcache.backbones.registry import get_entry
 from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS

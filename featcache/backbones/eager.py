@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.backbones.embedder import Described
+from featcache.backbones.entry import BackboneEntry, split_layers
 from featcache.backbones.fold import fold_batchnorm
-from featcache.backbones.identity import BackboneEntry, BackboneIdentity, Described, split_layers
+from featcache.backbones.identity import BackboneIdentity
 from featcache.backbones.normalize import normalize
 from featcache.errors import FeatcacheError
 

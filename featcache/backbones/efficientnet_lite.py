@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import LAST, BackboneEntry, Preprocessing, Stage, WeightsSource
+from featcache.backbones.entry import LAST, BackboneEntry, Stage, WeightsSource
 from featcache.backbones.registry import register
+from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch

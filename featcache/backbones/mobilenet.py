@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from featcache.backbones.efficientnet_lite import MULTI as LITE_MULTI
-from featcache.backbones.identity import BackboneEntry, Preprocessing, Stage, WeightsSource
+from featcache.backbones.entry import BackboneEntry, Stage, WeightsSource
 from featcache.backbones.registry import register
+from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from torch import nn

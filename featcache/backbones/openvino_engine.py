@@ -12,7 +12,6 @@ needs OpenVINO and NumPy, not torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,8 @@ import openvino as ov
 from openvino.preprocess import PrePostProcessor
 
 from featcache._version import __version__
-from featcache.backbones.identity import BackboneIdentity, Described
+from featcache.backbones.embedder import Described
+from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.files import file_sha256, user_cache_dir
 
 if TYPE_CHECKING:
@@ -41,9 +41,8 @@ _PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 def ir_folder(identity: BackboneIdentity) -> Path:
     """Where the IR of the backbone ``identity`` describes is kept."""
     described = {**identity.to_dict(), "precision": None}  # one graph serves both precisions
-    key = json.dumps([described, ov.__version__, __version__], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return user_cache_dir() / "openvino" / f"{identity.backbone}-{digest}"
+    key = digest(described, ov.__version__, __version__)
+    return user_cache_dir() / "openvino" / f"{identity.backbone}-{key}"
 
 
 class OpenVINOBackbone(Described):

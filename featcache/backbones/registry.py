@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from featcache.backbones.identity import BackboneEntry
+from featcache.backbones.entry import BackboneEntry
 from featcache.choices import DEFAULT_BACKBONE
 from featcache.errors import FeatcacheError, UsageError
 

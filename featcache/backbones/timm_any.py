@@ -17,8 +17,9 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import BackboneEntry, Preprocessing, Stage, WeightsSource
+from featcache.backbones.entry import BackboneEntry, Stage, WeightsSource
 from featcache.backbones.registry import register_fallback
+from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch

@@ -9,8 +9,9 @@ from __future__ import annotations
 from functools import cache
 from typing import TYPE_CHECKING
 
-from featcache.backbones.identity import BackboneEntry, Preprocessing, WeightsSource
+from featcache.backbones.entry import BackboneEntry, WeightsSource
 from featcache.backbones.registry import register_fallback
+from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     import torch

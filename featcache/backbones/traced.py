@@ -11,8 +11,6 @@ not round like eager autocast), nor those that return maps for a cache.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -22,7 +20,8 @@ import numpy as np
 import torch
 
 from featcache._version import __version__
-from featcache.backbones.identity import BackboneIdentity, Described
+from featcache.backbones.embedder import Described
+from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.backbones.normalize import normalize
 from featcache.files import replaced_atomically, user_cache_dir
 
@@ -34,11 +33,8 @@ if TYPE_CHECKING:
 
 def trace_path(identity: BackboneIdentity, device: str | torch.device) -> Path:
     """Where the trace of the backbone ``identity`` describes, on ``device``, is kept."""
-    key = json.dumps(
-        [identity.to_dict(), torch.__version__, __version__, torch.device(device).type], sort_keys=True
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return user_cache_dir() / "traced" / f"{identity.backbone}-{digest}.pt"
+    key = digest(identity, torch.__version__, __version__, torch.device(device).type)
+    return user_cache_dir() / "traced" / f"{identity.backbone}-{key}.pt"
 
 
 class TracedBackbone(Described):

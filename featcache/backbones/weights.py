@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from featcache.backbones.identity import BackboneEntry, WeightsSource
+from featcache.backbones.entry import BackboneEntry, WeightsSource
 from featcache.backbones.registry import get_entry, list_backbones
 from featcache.errors import FeatcacheError
 from featcache.files import file_sha256, replaced_atomically
