@@ -4,6 +4,8 @@ Plain data, no heavy imports: the command line builds its option lists from here
 """
 
 DEFAULT_BACKBONE = "mobilenet_v2"
+LAYOUT = "classes are sub-folders (DATA_DIR/<class>/<image>); images directly in DATA_DIR are unlabelled"
+"""How a labelled folder is laid out, for the messages that need to say it."""
 DEFAULT_MODEL = "models/best.joblib"
 """Where ``fit`` saves the model and the other commands look for it (``fit -o models``)."""
 FAMILIES = ("logreg", "linsvm", "softmax", "finetune")

@@ -23,6 +23,7 @@ import numpy as np
 from featcache.backbones.entry import LAST, MULTI
 from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.backbones.registry import get_entry
+from featcache.choices import LAYOUT
 from featcache.dataset import Dataset, scan
 from featcache.errors import CacheMismatchError, FeatcacheError
 from featcache.extract import Progress, extract
@@ -212,7 +213,7 @@ def choose(
     files = sample(dataset, per_class, seed)
     classes = {f.split("/", 1)[0] for f in files}
     if len(classes) < 2:
-        raise FeatcacheError(f"{data_dir}: need labelled images (class folders) of at least 2 classes")
+        raise FeatcacheError(f"{data_dir}: need labelled images of at least 2 classes: {LAYOUT}")
     work = Path(workdir) if workdir is not None else _default_workdir(dataset.root)
     scored = []
     for candidate in dict.fromkeys(wanted):

@@ -174,7 +174,7 @@ def run(
          lambda: fit(work / "features.h5", output=work / "models", on_progress=on_message))  # fmt: skip
     step(3, f"Evaluate the saved model on the {n_test} held-out images", "featcache evaluate data/test",
          lambda: evaluate(data.test, work / "models"))  # fmt: skip
-    step(4, "Predict a few held-out images", f"featcache predict {' '.join(shown[:2])} ...", predict_some)
+    step(4, "Predict a few held-out images", f"featcache predict {' '.join(shown)}", predict_some)
     step(5, "Plot: a 2-D map (t-SNE) of the cache, one colour per class", "featcache plot",
          lambda: plot_embedding(work / "features.h5", work / "embedding.png"))  # fmt: skip
     return data

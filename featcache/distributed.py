@@ -157,7 +157,7 @@ def run(
         cache = read_cache(shard.path, maps=True)
         for i, path in enumerate(cache.paths):
             maps = None if cache.maps is None else cache.maps[i]
-            rows[path] = (int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i], maps)
+            rows[path] = Row(int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i], maps)
         skipped.update(cache.skipped)
         counts.append(len(cache))
     return rows, skipped, computed, counts

@@ -6,6 +6,7 @@ Shared by one-process extraction and the tasks of a Dask cluster.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,8 +16,15 @@ from featcache.cache import FeatureCache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.images import load_batches
 
-Row = tuple[int, int, np.ndarray, np.ndarray | None]
-"""One image's row: file size, modification time (ns), embedding, float16 maps (None: not kept)."""
+
+class Row(NamedTuple):
+    """One image's row: the file's size and modification time (ns) when it was read, its
+    embedding, and its float16 maps (None: not kept)."""
+
+    size: int
+    mtime_ns: int
+    features: np.ndarray
+    maps: np.ndarray | None
 
 
 def embed_files(
@@ -45,7 +53,7 @@ def _run_batch(
             feats, maps = net.embed_maps(pixels)
             maps = maps.astype(np.float16)
         rows = {
-            f.relpath: (f.size, f.mtime_ns, feats[i], None if maps is None else maps[i])
+            f.relpath: Row(f.size, f.mtime_ns, feats[i], None if maps is None else maps[i])
             for i, (f, _) in enumerate(good)
         }
     return rows, skipped
@@ -64,13 +72,14 @@ def assemble(
     the dataset's order, with ``skipped`` listed."""
     files = [f for f in dataset.files if f.relpath in reusable or f.relpath in computed]
     rows = [computed.get(f.relpath) or reusable[f.relpath] for f in files]
-    features = np.stack([r[2] for r in rows]) if rows else np.zeros((0, identity.feature_dim), np.float32)
+    empty = np.zeros((0, identity.feature_dim), np.float32)
+    features = np.stack([r.features for r in rows]) if rows else empty
     maps = None
     if identity.maps is not None:
         from featcache.backbones.registry import get_entry
 
         shape = get_entry(identity.backbone).maps_shape(identity.maps)
-        maps = np.stack([r[3] for r in rows]) if rows else np.zeros((0, *shape), np.float16)
+        maps = np.stack([r.maps for r in rows]) if rows else np.zeros((0, *shape), np.float16)
     return FeatureCache(
         features=features.astype(dtype),
         labels=np.array([f.label for f in files], dtype=np.int32),

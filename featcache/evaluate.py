@@ -15,6 +15,8 @@ import numpy as np
 
 from featcache.bundle import DEFAULT_MODEL, ModelBundle, load_bundle
 from featcache.cache import read_cache
+from featcache.choices import LAYOUT
+from featcache.difference import worded
 from featcache.errors import FeatcacheError
 from featcache.report import per_class
 
@@ -75,14 +77,14 @@ def evaluate(
         if differences:
             raise FeatcacheError(
                 f"{source} was extracted differently from the features {model_path} was fit on "
-                f"({'; '.join(differences)}): re-extract with the model's backbone, "
+                f"({worded(differences)}): re-extract with the model's backbone, "
                 "or evaluate an image folder"
             )
         X, y, _ = FAMILIES[bundle.family].inputs(cache)
         paths = [p for p, label in zip(cache.paths, cache.labels, strict=True) if label >= 0]
         predicted, truth, skipped = bundle.predict_cached(X), y.tolist(), cache.skipped
     if not paths:
-        raise FeatcacheError(f"{source}: no labelled images to evaluate")
+        raise FeatcacheError(f"{source}: no labelled images to evaluate: {LAYOUT}")
     unknown = sorted(set(truth) - set(bundle.folders))
     if unknown:
         raise FeatcacheError(

@@ -24,6 +24,7 @@ from featcache.backbones.registry import get_entry
 from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.choices import DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
+from featcache.difference import Difference, worded
 from featcache.distributed import shard_folder, workers_to_start
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
@@ -318,13 +319,13 @@ def _check_same_settings(
 ) -> None:
     differences = previous.identity.differences(identity)
     if previous.dtype != dtype:
-        differences.append(f"dtype: {previous.dtype} vs {dtype}")
+        differences.append(Difference("dtype", previous.dtype, dtype))
     why = ""
-    if "preprocessing jpeg_draft: False vs True" in differences:
+    if Difference("preprocessing.jpeg_draft", False, True) in differences:
         why = " (made before featcache decoded large JPEGs in draft mode, which moves pixels by a grey level)"
     if differences:
         raise CacheMismatchError(
-            f"{output} holds features made differently ({'; '.join(differences)}){why}: "
+            f"{output} holds features made differently ({worded(differences)}){why}: "
             "pass overwrite=True to replace it, or output=OTHER.h5 to write another file"
         )
 
@@ -350,7 +351,7 @@ def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, Row]:
         f = current.get(path)
         if f is not None and (f.size, f.mtime_ns) == (int(previous.sizes[i]), int(previous.mtimes_ns[i])):
             maps = None if previous.maps is None else previous.maps[i]
-            rows[path] = (f.size, f.mtime_ns, previous.features[i].astype(np.float32), maps)
+            rows[path] = Row(f.size, f.mtime_ns, previous.features[i].astype(np.float32), maps)
     return rows
 
 
@@ -388,7 +389,7 @@ class _Partial:
                 columns = zip(paths, z["sizes"], z["mtimes"], z["features"], maps, strict=True)
                 for p, size, mtime, feat, kept in columns:
                     if (f := self._unchanged(p, size, mtime)) is not None:
-                        self.rows[p] = (f.size, f.mtime_ns, feat, kept)
+                        self.rows[p] = Row(f.size, f.mtime_ns, feat, kept)
                 skipped = [os.fsdecode(bytes(p)) for p in z["skipped_paths"]]
                 signature = zip(z["skipped_reasons"], z["skipped_sizes"], z["skipped_mtimes"], strict=True)
                 for p, (reason, size, mtime) in zip(skipped, signature, strict=True):
@@ -409,16 +410,17 @@ class _Partial:
         self.seq += 1
         part = self.folder / f"part-{self.seq:06d}.npz"
         tmp = self.folder / f".{part.name}.tmp"
-        dim = next(iter(rows.values()))[2].shape[0] if rows else 0
-        kept = [r[3] for r in rows.values() if r[3] is not None]
+        dim = next(iter(rows.values())).features.shape[0] if rows else 0
+        features = np.stack([r.features for r in rows.values()]) if rows else np.zeros((0, dim), np.float32)
+        kept = [r.maps for r in rows.values() if r.maps is not None]
         maps = {"maps": np.stack(kept)} if kept and len(kept) == len(rows) else {}
         with open(tmp, "wb") as fh:
             np.savez(
                 fh,
                 paths=np.array([os.fsencode(p) for p in rows], dtype=bytes),
-                sizes=np.array([r[0] for r in rows.values()], dtype=np.int64),
-                mtimes=np.array([r[1] for r in rows.values()], dtype=np.int64),
-                features=np.stack([r[2] for r in rows.values()]) if rows else np.zeros((0, dim), np.float32),
+                sizes=np.array([r.size for r in rows.values()], dtype=np.int64),
+                mtimes=np.array([r.mtime_ns for r in rows.values()], dtype=np.int64),
+                features=features,
                 skipped_paths=np.array([os.fsencode(p) for p in skipped], dtype=bytes),
                 skipped_reasons=np.array(list(skipped.values()), dtype=str),
                 skipped_sizes=np.array([self.files[p].size for p in skipped], dtype=np.int64),

@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.pipeline import Pipeline
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.models import Family
 from featcache.training import (
@@ -53,9 +53,14 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
     BackboneIdentity` as ``to_dict()`` gives it); they are trained with a new linear layer on
     their average-pooled output, by AdamW on label-smoothed cross-entropy.
 
+    With ``identity=None`` there is no network above: ``X`` is N×D features and the new linear
+    layer alone is trained on them, by the same recipe (this is also what scikit-learn's
+    ``check_estimator`` runs, as its data has any number of features).
+
     Parameters
     ----------
-    identity : the cache's backbone identity, as a dict (fixes the network, its weights and stage).
+    identity : the cache's backbone identity, as a dict (fixes the network, its weights and stage),
+        or None (the linear layer alone, on N×D features).
     epochs : passes over the training maps (at most; early stopping may end sooner).
     lr_max : peak learning rate; ``decay`` shapes it over the epochs: ``onecycle`` (warm up over
         the first 30 %, then cosine down), ``cosine`` or ``constant``.
@@ -109,8 +114,9 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_params(self) -> None:
         checks = [
-            ("identity", isinstance(self.identity, dict) and self.identity.get("maps") is not None,
-             "the identity dict of a cache made with --maps"),
+            ("identity", self.identity is None
+             or (isinstance(self.identity, dict) and self.identity.get("maps") is not None),
+             "the identity dict of a cache made with --maps, or None"),
             ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1"),
             ("lr_max", isinstance(self.lr_max, int | float) and self.lr_max > 0, "a number > 0"),
             ("decay", self.decay in SCHEDULES, f"one of {SCHEDULES}"),
@@ -125,31 +131,52 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         ]  # fmt: skip
         check_params(self, checks)
 
-    def _maps(self, X: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def _inputs(self, X: Any, y: Any = None, fitting: bool = False) -> Any:
+        """``X`` (and when ``fitting``, ``y``) checked: the maps of the identity's stage, or without an
+        identity N×D features, given to the network as N×D×1×1 maps."""
+        if self.identity is None:
+            if not fitting:
+                return validate_data(self, X, reset=False, dtype=np.float32)[:, :, None, None]
+            X, y = validate_data(self, X, y, dtype=np.float32)
+            return X[:, :, None, None], y
+        from featcache.backbones.registry import get_entry
+
+        shape = get_entry(self.identity["backbone"]).maps_shape(self.identity["maps"])
         X = np.asarray(X)
         if X.ndim != 4 or X.shape[1:] != shape or X.dtype.kind != "f":
             raise ValueError(
                 f"X must be the N×{'×'.join(map(str, shape))} float maps of stage {self.identity['maps']}, "
                 f"got {X.shape} {X.dtype}"
             )
-        return X
+        if not fitting:
+            return X
+        if y is None:
+            raise ValueError("requires y to be passed, but the target y is None")
+        y = np.asarray(y)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        return X, y
 
-    def _network(self, n_classes: int, state: dict[str, np.ndarray] | None = None) -> tuple[Any, Any, Any]:
-        """The part above the stage (pretrained, or holding ``state``), and a new linear layer (seeded)."""
+    def _network(self, n_classes: int, state: dict[str, np.ndarray] | None = None) -> tuple[Any, Any]:
+        """The part above the stage (pretrained, or holding ``state``; without an identity, nothing),
+        and a new linear layer (seeded)."""
         import torch
         from torch import nn
 
-        from featcache.backbones.build import load_top, pretrained_network
-        from featcache.backbones.identity import BackboneIdentity
+        if self.identity is None:
+            top, width = nn.Identity(), self.n_features_in_
+        else:
+            from featcache.backbones.build import load_top, pretrained_network
+            from featcache.backbones.identity import BackboneIdentity
 
-        identity = BackboneIdentity.from_dict(self.identity)
-        entry, model = pretrained_network(identity)
-        if state is not None:
-            load_top(entry, model, identity.maps, state)
-        top = copy.deepcopy(entry.top(model, identity.maps))
+            identity = BackboneIdentity.from_dict(self.identity)
+            entry, model = pretrained_network(identity)
+            if state is not None:
+                load_top(entry, model, identity.maps, state)
+            top, width = copy.deepcopy(entry.top(model, identity.maps)), entry.feature_dim
         torch.manual_seed(0 if self.random_state is None else int(self.random_state))
-        linear = nn.Linear(entry.feature_dim, n_classes)
-        return entry, top, linear
+        return top, nn.Linear(width, n_classes)
 
     def fit(self, X: Any, y: Any, on_epoch: EpochCallback | None = None) -> FinetuneClassifier:
         """Train on the maps ``X`` (N×C×h×w) and labels ``y``; ``on_epoch(n)`` follows the epochs
@@ -157,18 +184,12 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         import torch
 
         self._check_params()
-        from featcache.backbones.registry import get_entry
-
-        entry = get_entry(self.identity["backbone"])
-        X = self._maps(X, entry.maps_shape(self.identity["maps"]))
-        y = np.asarray(y)
-        if len(X) != len(y):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+        X, y = self._inputs(X, y, fitting=True)
         check_classification_targets(y)
         y_idx = encode_classes(self, y)
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = validation_split(y_idx, self.validation_fraction, seed)
-        _, top, linear = self._network(len(self.classes_))
+        top, linear = self._network(len(self.classes_))
         with torch.random.fork_rng(devices=[]):
             still_improving = self._train(top, linear, X, y_idx, (train, val), seed, on_epoch or _ignore)
         if still_improving:
@@ -181,8 +202,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         self.state_ = {k: v.detach().cpu().numpy().copy() for k, v in top.state_dict().items()}
         self.coef_ = linear.weight.detach().cpu().numpy().astype(np.float64)
         self.intercept_ = linear.bias.detach().cpu().numpy().astype(np.float64)
-        self.n_features_in_ = int(np.prod(X.shape[1:]))
-        self._module = None
+        self._module = (top.eval(), linear.eval())
         return self
 
     def _train(
@@ -262,7 +282,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         import torch
 
         if getattr(self, "_module", None) is None:
-            _, top, linear = self._network(len(self.classes_), self.state_)
+            top, linear = self._network(len(self.classes_), self.state_)
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(self.coef_))
                 linear.bias.copy_(torch.from_numpy(self.intercept_))
@@ -271,20 +291,22 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         return self._module
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """N×K class logits of the maps ``X``."""
-        check_is_fitted(self)
-        from featcache.backbones.registry import get_entry
+        """N×K class logits of the maps ``X``, or for two classes the margin of ``classes_[1]``."""
+        z = self._all_logits(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
-        X = self._maps(X, get_entry(self.identity["backbone"]).maps_shape(self.identity["maps"]))
-        return self._logits(*self._fitted_network(), X)
+    def _all_logits(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return self._logits(*self._fitted_network(), self._inputs(X))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (softmax of the logits), columns in the order of ``classes_``."""
-        return softmax_rows(self.decision_function(X))
+        return softmax_rows(self._all_logits(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each map."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        best = np.argmax(self._all_logits(X), axis=1)
+        return self.classes_[best]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

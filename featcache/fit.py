@@ -16,7 +16,7 @@ import numpy as np
 
 from featcache.bundle import MODEL_FILE, save_bundle
 from featcache.cache import read_cache
-from featcache.choices import MODELS
+from featcache.choices import LAYOUT, MODELS
 from featcache.errors import FeatcacheError
 from featcache.evaluate import Evaluation, evaluate  # noqa: F401 - where scripts found them before
 from featcache.files import locked, writable_folder
@@ -92,8 +92,7 @@ def fit(
         folders, counts = np.unique(y, return_counts=True)
         if len(folders) < 2:
             raise FeatcacheError(
-                f"{features}: need labelled images of at least 2 classes, found {len(folders)} "
-                "(the classes are the sub-folders of the folder extract read)"
+                f"{features}: need labelled images of at least 2 classes, found {len(folders)}: {LAYOUT}"
             )
         small = [f"{c} ({n})" for c, n in zip(folders, counts, strict=True) if n < cv]
         if small:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from featcache.choices import INTERPOLATIONS, RESIZE_POLICIES
+from featcache.difference import Difference
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Preprocessing:
         """Read :meth:`to_dict`'s form; one recorded before ``jpeg_draft`` existed decoded in full."""
         return cls(**{"jpeg_draft": False, **d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-    def differences(self, other: Preprocessing) -> list[str]:
-        """The fields that differ from ``other``, as ``name: mine vs theirs``."""
+    def differences(self, other: Preprocessing) -> list[Difference]:
+        """The fields that differ from ``other`` (named ``preprocessing.FIELD``)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {mine[k]} vs {theirs[k]}" for k in mine if mine[k] != theirs[k]]
+        return [Difference(f"preprocessing.{k}", mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]

@@ -8,6 +8,7 @@ from support import can_honour_permissions, run_featcache
 
 from featcache.cli import as_flags, main
 from featcache.errors import Interrupted
+from featcache.extract import extract
 
 
 def _one_error_line(run, *fragments, status=1):
@@ -101,6 +102,20 @@ def test_a_mistyped_backbone_is_a_usage_error_told_before_torch_loads(tmp_path):
     assert out.stdout.split() == ["2", "False"], out.stderr
     run = run_featcache(["choose", ".", "--only", "--candidate", "no_such_net"], timeout=120, cwd=tmp_path)
     _one_error_line(run, "unknown backbone 'no_such_net'", status=2)
+
+
+def test_a_flat_folder_is_told_that_classes_are_sub_folders_and_cv_is_a_flag(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted(data.rglob("*.jpg")):
+        (flat / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    for folder in (flat, data):
+        extract(folder, tmp_path / f"{folder.name}.h5", backbone="efficientnet_lite0", engine="torch")
+    run = run_featcache(["fit", tmp_path / "flat.h5", "-o", tmp_path / "m"], timeout=120)
+    _one_error_line(run, "found 0: classes are sub-folders (DATA_DIR/<class>/<image>)")
+    run = run_featcache(["fit", tmp_path / "data.h5", "-o", tmp_path / "m"], timeout=120)
+    _one_error_line(run, "fewer images than the 5 folds (--cv 5)", "lower --cv 5")
 
 
 def test_a_near_miss_never_hides_a_torchvision_model():

@@ -94,6 +94,18 @@ def test_demo_runs_the_whole_job_offline(demo_runs):
 
 
 @pytest.mark.slow
+def test_the_commands_the_demo_prints_run_as_printed_in_its_folder(demo_runs):
+    import shlex
+
+    work, first, _ = demo_runs
+    commands = re.findall(r"^      \$ (featcache .*)$", first.stdout, re.M)
+    assert len(commands) == 5
+    for command in commands:
+        run = run_featcache(shlex.split(command)[1:], cwd=work, timeout=600)
+        assert run.returncode == 0, (command, run.stderr)
+
+
+@pytest.mark.slow
 def test_the_demo_pipeline_is_a_library_call_that_reports_each_step(demo_runs, tmp_path):
     from featcache.cache import read_cache as read
 

@@ -122,9 +122,18 @@ def test_the_estimator_checks_its_settings_and_its_input(tuned):
     with pytest.raises(ValueError, match=r"decay must be one of \('onecycle', 'cosine', 'constant'\)"):
         FinetuneClassifier(cache.identity.to_dict(), decay="step").fit(X, y)
     with pytest.raises(ValueError, match=r"identity must be the identity dict of a cache made with --maps"):
-        FinetuneClassifier(None).fit(X, y)
+        FinetuneClassifier({**cache.identity.to_dict(), "maps": None}).fit(X, y)
     with pytest.raises(ValueError, match=r"X must be the N×192×7×7 float maps of stage 5, got \(24, 1280\)"):
         FinetuneClassifier(cache.identity.to_dict()).fit(cache.labelled()[0], y)
+
+
+def test_it_passes_sklearn_estimator_checks():
+    # The whole check_estimator suite, none marked as expected to fail. Its data has any number of
+    # features, so it runs the estimator without an identity: the new linear layer alone, trained
+    # by the same loop (split, schedule, early stopping) as the network above a stage.
+    from sklearn.utils.estimator_checks import check_estimator
+
+    check_estimator(FinetuneClassifier(None, epochs=30, lr_max=0.05, device="cpu"))
 
 
 def test_fitting_is_seeded_and_reported_epoch_by_epoch(tuned):

@@ -70,7 +70,7 @@ def test_layers_are_part_of_the_identity():
     assert BackboneIdentity.from_dict(old) == one  # recorded before layers existed: the last layer
     multi = dataclasses.replace(one, layers="4,5,6,last", feature_dim=1904)
     assert BackboneIdentity.from_dict(multi.to_dict()) == multi
-    assert "layers: last vs 4,5,6,last" in one.differences(multi)
+    assert ("layers", "last", "4,5,6,last") in one.differences(multi)
 
 
 # ---- the features of the layers ---------------------------------------------------------------

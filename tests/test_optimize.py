@@ -133,7 +133,7 @@ def test_bf16_only_when_asked(lite0_backbone, photo):
     assert seen == [False]
     bf16_net = build_backbone("efficientnet_lite0", precision="bf16", engine="torch", traced=False)
     assert bf16_net.identity.precision == "bf16"
-    assert bf16_net.identity.differences(lite0_backbone.identity) == ["precision: bf16 vs fp32"]
+    assert bf16_net.identity.differences(lite0_backbone.identity) == [("precision", "bf16", "fp32")]
     seen = _autocast_seen(bf16_net)
     bf16 = bf16_net.embed(px)
     assert seen == [True] and bf16.dtype == np.float32

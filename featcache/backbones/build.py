@@ -27,6 +27,7 @@ from featcache.backbones.identity import RANDOM, BackboneIdentity, tuned_id
 from featcache.backbones.registry import get_entry
 from featcache.backbones.weights import DownloadProgress, resolve_weights
 from featcache.choices import DEFAULT_BACKBONE, DEVICES, ENGINES, PRECISIONS
+from featcache.difference import worded
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.files import file_sha256
 from featcache.settings import BackboneSpec, RunOptions, gather
@@ -123,7 +124,7 @@ def build_backbone(
     if wanted is not None and (differences := identity.differences(wanted)):
         raise FeatcacheError(
             f"the {wanted.backbone} backbone available here differs from the one recorded "
-            f"({'; '.join(differences)})"
+            f"({worded(differences)})"
         )
     if engine == "openvino":
         from featcache.backbones.openvino_engine import save_openvino

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from featcache.backbones.entry import LAST
+from featcache.difference import Difference
 from featcache.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
@@ -94,19 +95,21 @@ class BackboneIdentity:
             tuned=str(d.get("tuned", "")),
         )
 
-    def differences(self, other: BackboneIdentity) -> list[str]:
-        """What differs from ``other``, in words (empty when the features are interchangeable)."""
+    def differences(self, other: BackboneIdentity) -> list[Difference]:
+        """What differs from ``other`` (empty when the features are interchangeable); weights are
+        told apart by their SHA-256 and shown by name and the start of it."""
         out = []
         keys = ("backbone", "weights_sha256", "preprocessing", "layers", "pool", "feature_dim", "precision",
                 "maps", "tuned")  # fmt: skip
         for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
             if key == "preprocessing":
-                out += [f"preprocessing {d}" for d in mine.differences(theirs)]
+                out += mine.differences(theirs)
+            elif key == "weights_sha256" and mine != theirs:
+                shown = f"{self.weights} ({mine[:12]})", f"{other.weights} ({theirs[:12]})"
+                out.append(Difference("weights", *shown))
             elif mine != theirs:
-                if key == "weights_sha256":
-                    mine, theirs = f"{self.weights} ({mine[:12]})", f"{other.weights} ({theirs[:12]})"
-                out.append(f"{key}: {mine} vs {theirs}")
+                out.append(Difference(key, mine, theirs))
         return out
 
 

@@ -97,10 +97,8 @@ def save_openvino(net: EagerBackbone, identity: BackboneIdentity) -> OpenVINOBac
     """
     import torch
 
-    if net.identity.precision != "fp32" or net.identity.differences(identity) not in (
-        [],
-        [f"precision: fp32 vs {identity.precision}"],
-    ):
+    differing = {d.field for d in net.identity.differences(identity)}
+    if net.identity.precision != "fp32" or differing - {"precision"}:
         raise ValueError("save_openvino converts the fp32 network of the identity it is given")
     size = net.preprocessing.size
     prep = net.preprocessing
