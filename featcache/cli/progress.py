@@ -10,13 +10,15 @@ _UNITS = {"download": "B", "extract": "img", "fit": "epoch"}
 
 
 class ProgressBar:
-    """tqdm bars driven by the library's progress callbacks: one per stage (download, extract)."""
+    """tqdm bars driven by the library's progress callbacks: one per stage (download, extract, fit),
+    closed as soon as its stage completes."""
 
     def __init__(self, desc: str, quiet: bool):
         self.desc, self.quiet, self.bar, self.stage = desc, quiet, None, None
+        self.finished: str | None = None
 
     def update(self, progress) -> None:
-        if self.quiet:
+        if self.quiet or progress.stage == self.finished:
             return
         if self.bar is None or progress.stage != self.stage:
             from tqdm import tqdm
@@ -31,6 +33,9 @@ class ProgressBar:
         self.bar.update(progress.done - self.bar.n)
         if progress.stage == "extract":
             self.bar.set_postfix(skipped=progress.skipped, refresh=False)
+        if progress.total is not None and progress.done >= progress.total:
+            self.close()  # the stage is over: its bar shows its own time, not what comes after it
+            self.finished = progress.stage
 
     def close(self) -> None:
         if self.bar is not None:
