@@ -344,3 +344,20 @@ def test_mobilenet_v2_is_fine_tuned_above_its_stages_too(tmp_path, data):
     on_maps = load_bundle(model).pipeline.predict_proba(maps.maps)
     order = [maps.paths.index(str(f.relative_to(data))) for f in files]
     assert np.abs(on_maps[order] - on_pixels).max() <= MAPS_AGREE
+
+
+def test_the_bundle_records_the_cache_it_was_fit_on_and_older_ones_are_read(tuned, tmp_path):
+    from featcache.bundle import ModelBundle
+
+    cache_path, result = tuned
+    bundle = load_bundle(result.model_path)
+    cache = read_cache(cache_path)
+    assert bundle.fit_identity == cache.identity and bundle.fit_identity.maps == 5
+    assert bundle.identity.maps is None and bundle.identity.tuned_stage == 5
+    older = bundle.to_dict()
+    del older["fit_identity"]  # a fine-tuned bundle saved before featcache recorded it
+    again = ModelBundle.from_dict(older)
+    assert again.fit_identity == cache.identity  # from its pipeline's estimator
+    save_bundle(again, tmp_path / "older.joblib")
+    ev = evaluate(cache_path, tmp_path / "older.joblib")
+    assert ev.n_images == len(cache) and ev.accuracy == evaluate(cache_path, result.model_path).accuracy
