@@ -138,6 +138,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(503, state.error or "the model is still loading; see /health")
         if files:
             uploads = [(_name(f.filename), await f.read()) for f in files]
+        elif request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(400, "a multipart upload sends its images in the field 'files'")
         else:
             body = await request.body()
             uploads = [(_name(request.headers.get("x-filename") or "upload"), body)]

@@ -101,6 +101,8 @@ def test_bad_uploads_get_a_reason_and_the_server_goes_on(client, model, tmp_path
         "/predict", files=_files([good]) + [("files", ("x.jpg", b"nope", "image/jpeg"))]
     ).json()
     assert "label" in mixed[0] and mixed[1] == {"path": "x.jpg", "error": "not an image Pillow can decode"}
+    wrong_field = client.post("/predict", files=[("file", ("a.jpg", good.read_bytes(), "image/jpeg"))])
+    assert wrong_field.status_code == 400 and "in the field 'files'" in wrong_field.text
     assert client.post("/predict", files=_files([good])).status_code == 200  # still serving
 
 
