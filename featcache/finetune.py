@@ -26,13 +26,16 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featcache.models import Family
+from featcache.models import Family, TemperatureScaled
 from featcache.training import (
+    CLASS_WEIGHTS,
     EarlyStopping,
     EpochCallback,
     encode_classes,
     learning_rate,
+    sample_weights,
     softmax_rows,
+    valid_class_weight,
     validation_split,
 )
 from featcache.validation import check_params
@@ -75,6 +78,8 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
     random_state : seed of the initialisation, the shuffling, the flips and the validation split.
     device : where to train: ``cpu``, ``cuda`` or ``auto`` (a CUDA GPU when there is one). Fits
         on the CPU are deterministic; on a GPU, up to the order of its floating-point sums.
+    class_weight : ``None`` or ``"balanced"``: weight the loss so that each class counts the same
+        (see :data:`featcache.training.CLASS_WEIGHTS`).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         patience: int = 5,
         random_state: int | None = 0,
         device: str = "auto",
+        class_weight: str | None = None,
     ):
         self.identity = identity
         self.epochs = epochs
@@ -104,6 +110,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         self.patience = patience
         self.random_state = random_state
         self.device = device
+        self.class_weight = class_weight
 
     def _device(self) -> Any:
         import torch
@@ -128,6 +135,7 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
             ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
             ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
             ("device", self.device in ("auto", "cpu", "cuda"), "one of ('auto', 'cpu', 'cuda')"),
+            ("class_weight", valid_class_weight(self.class_weight), f"one of {CLASS_WEIGHTS} or a dict"),
         ]  # fmt: skip
         check_params(self, checks)
 
@@ -224,7 +232,18 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=self.lr_max, weight_decay=self.weight_decay)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        weights = sample_weights(y, self.class_weight, self.classes_)
+        class_weight, loss_fn = None, nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        if weights is not None:
+            # each image's loss times its weight over the mean weight: a batch holding few images of a
+            # heavy class still counts them as heavy (PyTorch's weight= divides by the batch's weights)
+            class_weight = torch.zeros(len(self.classes_), dtype=torch.float64)
+            class_weight[torch.from_numpy(y.astype(np.int64))] = torch.from_numpy(
+                weights / weights[train].mean()
+            )
+            per_image = nn.CrossEntropyLoss(reduction="none", label_smoothing=self.label_smoothing)
+            scale = class_weight.float().to(device)
+            loss_fn = lambda z, t: (per_image(z, t) * scale[t]).mean()  # noqa: E731
         steps_per_epoch = math.ceil(len(train) / self.batch_size)
         total, step = self.epochs * steps_per_epoch, 0
         targets = torch.from_numpy(y.astype(np.int64)).to(device)
@@ -252,7 +271,10 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
             if val is None:
                 continue
             logits = torch.from_numpy(self._logits(top, linear, X[val]))
-            loss = float(nn.functional.cross_entropy(logits, targets[val].cpu()))
+            loss = float(nn.functional.cross_entropy(
+                logits, targets[val].cpu(),
+                weight=class_weight,
+            ))  # fmt: skip
             state = lambda: (copy.deepcopy(top.state_dict()), copy.deepcopy(linear.state_dict()))  # noqa: E731
             if stopping.update(loss, state):
                 break
@@ -347,7 +369,9 @@ class FinetuneFamily(Family):
         from featcache.bundle import ModelBundle
         from featcache.head import LinearHead
 
-        clf = final.steps[-1][1]
+        clf, beta = final.steps[-1][1], 1.0
+        if isinstance(clf, TemperatureScaled):
+            clf, beta = clf.estimator_, float(clf.beta)
         entry = get_entry(cache.identity.backbone)
         identity = dataclasses.replace(
             cache.identity, layers=LAST, pool="avg", feature_dim=entry.feature_dim, maps=None,
@@ -361,7 +385,7 @@ class FinetuneFamily(Family):
             fit_identity=cache.identity,
             label_map=cache.label_map,
             feature_dtype="float32",
-            head=LinearHead(clf.coef_, clf.intercept_),
+            head=LinearHead(clf.coef_, clf.intercept_, beta),
             report=report,
             top=clf.state_,
         )
@@ -376,4 +400,5 @@ FINETUNE = FinetuneFamily(
     # minutes per fit on a CPU, so two settings: the whole one-cycle schedule on all the data, or
     # early stopping on a tenth held out (the first won by 1.9 points of CV on Fashion-MNIST)
     {"clf__validation_fraction": [0.0, 0.1]}, epochs=FinetuneClassifier().epochs,
+    scores_outliers=False,  # predict sees the tuned network's features, not the cache's
 )  # fmt: skip

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -22,7 +21,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.head import LinearHead
-from featcache.training import EarlyStopping, encode_classes, learning_rate, softmax_rows, validation_split
+from featcache.training import (
+    CLASS_WEIGHTS,
+    EarlyStopping,
+    encode_classes,
+    learning_rate,
+    sample_weights,
+    softmax_rows,
+    valid_class_weight,
+    validation_split,
+)
 from featcache.validation import check_params
 
 if TYPE_CHECKING:
@@ -51,6 +59,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     patience : epochs without a better validation loss before training stops. When all ``epochs``
         run out while the validation loss is still improving, a ``ConvergenceWarning`` says so.
     random_state : seed for initialisation, shuffling and the validation split.
+    class_weight : ``None`` or ``"balanced"``: weight the loss so that each class counts the same
+        (see :data:`featcache.training.CLASS_WEIGHTS`).
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction: float = 0.1,
         patience: int = 10,
         random_state: int | None = 0,
+        class_weight: str | None = None,
     ):
         self.epochs = epochs
         self.lr_max = lr_max
@@ -78,6 +89,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
+        self.class_weight = class_weight
 
     def _check_params(self) -> None:
         checks = [
@@ -91,6 +103,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
             ("patience", isinstance(self.patience, int) and self.patience >= 1, "an integer >= 1"),
+            ("class_weight", valid_class_weight(self.class_weight), f"one of {CLASS_WEIGHTS} or a dict"),
         ]
         check_params(self, checks)
 
@@ -103,7 +116,12 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = validation_split(y_idx, self.validation_fraction, seed)
         X_val, y_val = (None, None) if val is None else (X[val], y_idx[val])
+        weights = sample_weights(y_idx, self.class_weight, self.classes_)
+        self._weights = (
+            (None, None) if weights is None else (weights[train], None if val is None else weights[val])
+        )
         W, b, still_improving = self._train(X[train], y_idx[train], X_val, y_val, np.random.default_rng(seed))
+        del self._weights
         if still_improving:
             warnings.warn(
                 f"SoftmaxClassifier: the validation loss was still improving after all epochs="
@@ -130,6 +148,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         )
         stopping = EarlyStopping(self.patience)
         stopped = False
+        weights, val_weights = self._weights
+        mean_weight = None if weights is None else weights.mean()
         self.n_iter_ = 0
         for epoch in range(self.epochs):
             lr = learning_rate(self.decay, self.lr_max, epoch / self.epochs)
@@ -140,7 +160,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 if self.dropout > 0:
                     xb = xb * (rng.random(xb.shape) >= self.dropout) / np.float32(1 - self.dropout)
                 # cross-entropy with label smoothing: d(loss)/d(logits) = (softmax - target) / batch
-                grad = (softmax_rows(xb @ W.T + b) - target[y[idx]]) / len(idx)
+                grad = softmax_rows(xb @ W.T + b) - target[y[idx]]
+                grad /= len(idx)
+                if weights is not None:  # each image's gradient times its weight over the mean weight
+                    grad *= (weights[idx] / mean_weight)[:, None].astype(np.float32)
                 for param, g, v in ((W, grad.T @ xb, velocity[0]), (b, grad.sum(axis=0), velocity[1])):
                     v *= self.momentum
                     v += g + self.weight_decay * param
@@ -149,7 +172,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             if X_val is None:
                 continue
             p = softmax_rows(X_val @ W.T + b)
-            val_loss = float(-np.log(np.maximum(p[np.arange(len(y_val)), y_val], 1e-30)).mean())
+            losses = -np.log(np.maximum(p[np.arange(len(y_val)), y_val], 1e-30))
+            val_loss = float(np.average(losses, weights=val_weights))
             stopped = stopping.update(val_loss, lambda: (W.copy(), b.copy()))
             if stopped:
                 break
@@ -190,12 +214,17 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
     C : inverse regularisation strength (> 0), as in ``LinearSVC``.
     max_iter : Newton iterations at most.
     tol : stop when the average relative change of the weights falls below this.
+    class_weight : ``None`` or ``"balanced"``: each image's loss is weighted so that each class
+        counts the same (see :data:`featcache.training.CLASS_WEIGHTS`), in every one-vs-rest problem.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-5):
+    def __init__(
+        self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-5, class_weight: str | None = None
+    ):
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
+        self.class_weight = class_weight
 
     def fit(self, X: Any, y: Any) -> LinearSVM:
         """Train on features ``X`` (n_samples × n_features) and labels ``y``."""
@@ -205,6 +234,7 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             ("C", isinstance(self.C, int | float) and self.C > 0, "a number > 0"),
             ("max_iter", isinstance(self.max_iter, int) and self.max_iter >= 1, "an integer >= 1"),
             ("tol", isinstance(self.tol, int | float) and self.tol > 0, "a number > 0"),
+            ("class_weight", valid_class_weight(self.class_weight), f"one of {CLASS_WEIGHTS} or a dict"),
         ]
         check_params(self, checks)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
@@ -213,7 +243,10 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         k = 1 if len(self.classes_) == 2 else len(self.classes_)
         targets = (y_idx == 1)[:, None] if k == 1 else y_idx[:, None] == np.arange(k)
         signs = np.where(targets, 1, -1).astype(X.dtype)
+        weights = sample_weights(y_idx, self.class_weight, self.classes_)
         d, C = X.shape[1], float(self.C)
+        # per-image costs: C, or C times the image's class weight
+        costs = C if weights is None else (C * weights)[:, None].astype(X.dtype)
 
         # theta = [W (d x k, raveled), b (k)]; the products run in the dtype of X (float32
         # features: about 3x faster than float64), the sums in float64
@@ -227,12 +260,12 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             W = theta[: d * k].reshape(d, k)
             slack = np.maximum(0, 1 - signs * scores(theta))
-            loss = 0.5 * float(np.vdot(W, W)) + C * float(np.vdot(slack, slack))
-            return loss, pack(W, (-2 * C) * slack * signs)
+            loss = 0.5 * float(np.vdot(W, W)) + float(np.vdot(costs * slack, slack))
+            return loss, pack(W, -2 * costs * slack * signs)
 
         def hessian_times(theta: np.ndarray, v: np.ndarray) -> np.ndarray:
             active = (signs * scores(theta) < 1).astype(X.dtype)
-            return pack(v[: d * k].reshape(d, k), (2 * C) * active * scores(v))
+            return pack(v[: d * k].reshape(d, k), 2 * costs * active * scores(v))
 
         result = minimize(
             loss_and_grad, np.zeros(d * k + k), jac=True, hessp=hessian_times, method="Newton-CG",
@@ -264,18 +297,71 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         return self.classes_[index]
 
 
+def class_logits(estimator: Any, X: Any) -> np.ndarray:
+    """N×K scores of a fitted linear classifier whose softmax is its probabilities (for a
+    probabilistic one) or its calibration's input (for a margin one): ``decision_function``, with
+    two classes' single margin m as (0, m)."""
+    z = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    return np.column_stack([np.zeros(len(z)), z]) if z.ndim == 1 else z
+
+
+class TemperatureScaled(ClassifierMixin, BaseEstimator):
+    """A classifier whose probabilities are ``softmax(beta * logits)`` of ``estimator``'s logits (see
+    :func:`class_logits`): temperature scaling, with ``beta`` learnt beforehand on held-out logits
+    (:func:`featcache.calibration.fit_temperature`). It predicts what ``estimator`` predicts.
+
+    Parameters
+    ----------
+    estimator : a linear classifier (anything with ``decision_function``).
+    beta : the inverse temperature, > 0.
+    """
+
+    def __init__(self, estimator: Any = None, beta: float = 1.0):
+        self.estimator = estimator
+        self.beta = beta
+
+    def fit(self, X: Any, y: Any, **fit_params: Any) -> TemperatureScaled:
+        """Fit a clone of ``estimator`` on ``X``, ``y`` (``fit_params`` go to its fit)."""
+        check_params(self, [("beta", isinstance(self.beta, int | float) and self.beta > 0, "a number > 0")])
+        return self._fitted(clone(self.estimator).fit(X, y, **fit_params))
+
+    def _fitted(self, estimator: Any) -> TemperatureScaled:
+        self.estimator_, self.classes_ = estimator, estimator.classes_
+        if hasattr(estimator, "n_features_in_"):
+            self.n_features_in_ = estimator.n_features_in_
+        return self
+
+    @classmethod
+    def prefit(cls, estimator: Any, beta: float) -> TemperatureScaled:
+        """The already fitted ``estimator`` with its temperature set."""
+        return cls(estimator, beta)._fitted(estimator)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """The scaled logits, N×K."""
+        check_is_fitted(self)
+        return self.beta * class_logits(self.estimator_, X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return softmax_rows(self.decision_function(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family: how to build its pipeline, which parameters to search, what it takes from a
     feature cache and what it leaves in a model bundle.
 
-    ``calibrate`` families score classes with margins, not probabilities. They are
-    cross-validated as they are, and the pipeline that is saved wraps the classifier in
-    temperature scaling (one positive scale for all classes, learnt on held-out scores). It
-    cannot change which class scores highest, so the saved model predicts exactly what was
-    cross-validated and gains ``predict_proba``. ``blas_threads`` caps the BLAS threads of its
+    ``calibrate`` families score classes with margins, not probabilities: the model ``fit`` saves
+    is always temperature-scaled (:class:`TemperatureScaled`, learnt on the out-of-fold margins);
+    the others are when their out-of-fold probabilities are poorly calibrated. Temperature
+    scaling cannot change which class scores highest, so the saved model predicts exactly what
+    was cross-validated. ``blas_threads`` caps the BLAS threads of its
     fits (None: the library's default). ``epochs`` is how many epochs one fit reports through
-    the ``clf__on_epoch`` fit parameter (0: the family reports none).
+    the ``clf__on_epoch`` fit parameter (0: the family reports none). ``scores_outliers``: its
+    model is saved with an out-of-distribution score on the cache's pooled features (what it
+    predicts from; not so for a family whose network changes them).
 
     This base class fits the pooled features of a cache; a family that takes something else
     overrides :meth:`unavailable`, :meth:`inputs`, :meth:`to_bundle` and :meth:`prepare`.
@@ -288,14 +374,15 @@ class Family:
     calibrate: bool = False
     blas_threads: int | None = None
     epochs: int = 0
+    scores_outliers: bool = True
 
-    def build_final(self, seed: int, params: dict[str, Any]) -> Pipeline:
-        """The pipeline to refit on all data and save: ``build`` with ``params``, calibrated if needed."""
+    def build_final(self, seed: int, params: dict[str, Any], beta: float | None = None) -> Pipeline:
+        """The pipeline to refit on all data and save: ``build`` with ``params``, its classifier
+        temperature-scaled by ``beta`` when one is given."""
         pipe = self.build(seed).set_params(**params)
-        if self.calibrate:
+        if beta is not None:
             name, clf = pipe.steps[-1]
-            calibrated = CalibratedClassifierCV(clf, method="temperature", cv=3, ensemble=False)
-            pipe.steps[-1] = (name, calibrated)
+            pipe.steps[-1] = (name, TemperatureScaled(clf, beta))
         return pipe
 
     def unavailable(self, cache: FeatureCache) -> str | None:
@@ -341,23 +428,20 @@ def softmax(seed: int) -> Pipeline:
 
 
 def linear_head(pipeline: Pipeline, X: np.ndarray, atol: float = 1e-5) -> LinearHead | None:
-    """The :class:`LinearHead` of a fitted scaler + linear classifier pipeline (temperature-calibrated
-    or not), when its probabilities on ``X`` equal the pipeline's within ``atol``; else None."""
+    """The :class:`LinearHead` of a fitted scaler + linear classifier pipeline (temperature-scaled or
+    not), when its probabilities on ``X`` equal the pipeline's within ``atol``; else None."""
     if len(pipeline.steps) != 2 or not isinstance(pipeline.steps[0][1], StandardScaler):
         return None
     scaler, clf = pipeline.steps[0][1], pipeline.steps[1][1]
-    beta, calibrated = 1.0, isinstance(clf, CalibratedClassifierCV)
-    if calibrated:
-        if clf.method != "temperature" or len(clf.calibrated_classifiers_) != 1:
-            return None
-        inner = clf.calibrated_classifiers_[0]
-        beta, clf = float(inner.calibrators[0].beta_), inner.estimator
+    beta = 1.0
+    if isinstance(clf, TemperatureScaled):
+        beta, clf = float(clf.beta), clf.estimator_
     if not isinstance(clf, (LogisticRegression, LinearSVM, SoftmaxClassifier)):
         return None
     coef, intercept = np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64)
-    if coef.shape[0] == 1:  # two classes, one margin m: logits (-m, m) when calibrated, else (0, m)
-        coef = np.vstack([-coef if calibrated else np.zeros_like(coef), coef])
-        intercept = np.concatenate([-intercept if calibrated else np.zeros(1), intercept])
+    if coef.shape[0] == 1:  # two classes, one margin m: logits (0, m)
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([np.zeros(1), intercept])
     mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(coef.shape[1])
     scale = scaler.scale_ if scaler.scale_ is not None else np.ones(coef.shape[1])
     coef = coef / scale

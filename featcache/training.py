@@ -39,6 +39,32 @@ def encode_classes(estimator: Any, y: np.ndarray) -> np.ndarray:
     return y_idx
 
 
+CLASS_WEIGHTS = (None, "balanced")
+"""What an estimator's ``class_weight`` may be besides a dict {class: weight}: ``None`` (every
+image counts the same) or ``"balanced"`` (each class weighs the same in the loss: an image of
+class c counts ``n_images / (n_classes * n_c)``), as in scikit-learn."""
+
+
+def valid_class_weight(class_weight: Any) -> bool:
+    """Whether ``class_weight`` is one of :data:`CLASS_WEIGHTS` or a dict of non-negative weights."""
+    if isinstance(class_weight, dict):
+        return all(isinstance(w, int | float) and w >= 0 for w in class_weight.values())
+    return class_weight in CLASS_WEIGHTS
+
+
+def sample_weights(y_idx: np.ndarray, class_weight: Any, classes: np.ndarray) -> np.ndarray | None:
+    """The loss weight of each row of class indices ``y_idx`` (into ``classes``) under
+    ``class_weight`` (see :data:`CLASS_WEIGHTS`; a dict's missing classes weigh 1), or None when
+    every row counts the same."""
+    if class_weight is None:
+        return None
+    if isinstance(class_weight, dict):
+        return np.array([float(class_weight.get(c, 1.0)) for c in classes])[y_idx]
+    counts = np.bincount(y_idx, minlength=len(classes))
+    per_class = len(y_idx) / (np.count_nonzero(counts) * np.maximum(counts, 1))
+    return per_class[y_idx]
+
+
 def validation_split(y_idx: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Row indices to train on and to hold out for early stopping (``None`` when ``fraction`` is 0 or
     too small to hold out one row per class); stratified when every class has 2 rows or more."""

@@ -27,6 +27,7 @@ from featcache.files import file_sha256
 from featcache.finetune import FinetuneClassifier
 from featcache.fit import evaluate, fit
 from featcache.images import load_pixels
+from featcache.models import TemperatureScaled
 from featcache.predictor import Predictor
 
 BACKBONE = "efficientnet_lite0"
@@ -133,7 +134,27 @@ def test_it_passes_sklearn_estimator_checks():
     # by the same loop (split, schedule, early stopping) as the network above a stage.
     from sklearn.utils.estimator_checks import check_estimator
 
-    check_estimator(FinetuneClassifier(None, epochs=30, lr_max=0.05, device="cpu"))
+    # The one check marked to fail: SGD on unscaled noisy blobs with class weights 1000 : 0.0001
+    # (test_models.py::test_class_weights_raise_minority_recall checks class weights, and
+    # test_finetune_class_weights below this estimator's)
+    expected = {"check_class_weight_classifiers": "AdamW for 30 steps on unscaled blobs does not settle"}
+    check_estimator(
+        FinetuneClassifier(None, epochs=30, lr_max=0.05, device="cpu"), expected_failed_checks=expected
+    )
+
+
+def test_finetune_class_weights_raise_minority_recall():
+    rng = np.random.default_rng(0)
+    sizes = [300, 300, 30]
+    X = np.vstack([rng.normal(c, 1.0, (n, 5)) for c, n in zip([0.0, 0.8, 1.6], sizes, strict=True)])
+    y = np.repeat([0, 1, 2], sizes)
+    X_test = np.vstack([rng.normal(c, 1.0, (200, 5)) for c in [0.0, 0.8, 1.6]]).astype(np.float32)
+    recall = []
+    for cw in (None, "balanced"):
+        clf = FinetuneClassifier(None, epochs=20, lr_max=0.05, device="cpu", class_weight=cw)
+        pred = clf.fit(X.astype(np.float32), y).predict(X_test[400:])
+        recall.append(np.mean(pred == 2))
+    assert recall[1] > recall[0] + 0.2, recall
 
 
 def test_fitting_is_seeded_and_reported_epoch_by_epoch(tuned):
@@ -160,6 +181,9 @@ def test_the_model_is_plain_arrays_that_load_with_the_allowlist(tuned):
     assert bundle.identity.maps is None and bundle.identity.feature_dim == 1280
     assert bundle.top and all(type(v) is np.ndarray for v in bundle.top.values())
     clf = bundle.pipeline.steps[-1][1]  # unpickled through the allowlist: arrays and estimators only
+    if isinstance(clf, TemperatureScaled):  # its out-of-fold probabilities were poorly calibrated
+        assert bundle.head.beta == clf.beta
+        clf = clf.estimator_
     assert isinstance(clf, FinetuneClassifier) and not hasattr(clf, "_module")
     assert all(np.array_equal(clf.state_[k], bundle.top[k]) for k in bundle.top)
     assert bundle.card()["backbone"]["fine_tuned_after_stage"] == STAGE
@@ -334,6 +358,7 @@ def test_an_interrupted_extraction_with_maps_resumes_where_it_stopped(tmp_path, 
 
 
 @pytest.mark.filterwarnings("ignore:mobilenet_v2 uses random weights")
+@pytest.mark.filterwarnings("ignore:class .* recall")  # random weights: a class may be missed
 def test_mobilenet_v2_is_fine_tuned_above_its_stages_too(tmp_path, data):
     cache = extract(data, tmp_path / "m.h5", backbone="mobilenet_v2", weights="random", maps=5).output
     maps = read_cache(cache, maps=True)
