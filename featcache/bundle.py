@@ -37,6 +37,7 @@ from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError
 from featcache.files import replaced_atomically
 from featcache.head import LinearHead
+from featcache.outliers import OutlierScore
 
 FORMAT = "featcache-model"
 FORMAT_VERSION = 4
@@ -58,6 +59,10 @@ class ModelBundle:
     maps; it also holds ``top``, the fine-tuned weights of the network after stage
     ``identity.tuned_stage`` as arrays: its backbone is built with them, and ``head`` is its new
     linear layer on their pooled output.
+
+    ``outlier`` scores how unlike the training images an image's features are (an
+    :class:`~featcache.outliers.OutlierScore` with its threshold); bundles fit before featcache
+    had one, and fine-tuned ones, have None.
     """
 
     family: str
@@ -72,6 +77,7 @@ class ModelBundle:
     pipeline_pickle: bytes | None = field(default=None, repr=False)
     top: dict[str, np.ndarray] | None = field(default=None, repr=False)
     fit_identity: BackboneIdentity | None = None
+    outlier: OutlierScore | None = None
     _pipeline: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,13 @@ class ModelBundle:
             self.fit_identity = self.identity if self.top is None else self._legacy_fit_identity()
         if self.head is not None and self.head.n_classes != len(self.folders):
             raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
+        if self.outlier is not None and (
+            self.outlier.n_classes != len(self.folders)
+            or self.outlier.n_features != self.identity.feature_dim
+        ):
+            raise FeatcacheError(
+                "the model bundle is inconsistent: its outlier score does not fit its features"
+            )
         if bool(self.top) != bool(self.identity.tuned):
             raise FeatcacheError(
                 "the model bundle is inconsistent: fine-tuned weights without their identity"
@@ -90,7 +103,8 @@ class ModelBundle:
 
     def _legacy_fit_identity(self) -> BackboneIdentity:
         """The fit identity of a fine-tuned bundle saved before bundles recorded it: its estimator's."""
-        return BackboneIdentity.from_dict(self.pipeline.steps[-1][1].identity)
+        clf = self.pipeline.steps[-1][1]
+        return BackboneIdentity.from_dict(getattr(clf, "estimator_", clf).identity)
 
     @classmethod
     def with_pipeline(cls, pipeline: Any, **fields: Any) -> ModelBundle:
@@ -133,7 +147,14 @@ class ModelBundle:
         families = {
             name: {
                 k: r.get(k)
-                for k in ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "best_params")
+                for k in (
+                    "cv_accuracy_mean",
+                    "cv_accuracy_std",
+                    "cv_balanced_accuracy_mean",
+                    "cv_f1_macro_mean",
+                    "min_recall",
+                    "best_params",
+                )
             }
             for name, r in report.get("families", {}).items()
         }
@@ -150,6 +171,8 @@ class ModelBundle:
             "cv_accuracy": best.get("cv_accuracy_mean"),
             "cv_accuracy_std": best.get("cv_accuracy_std"),
             "cv_folds": report.get("cv"),
+            "selected_by": report.get("select_by", "accuracy"),
+            "ood_threshold": None if self.outlier is None else self.outlier.threshold,
             "n_images": report.get("n_images"),
             "families": families,
             "fit_at": self.created,
@@ -161,6 +184,11 @@ class ModelBundle:
         if self.head is not None:
             return self.head.predict_proba(features)
         return np.asarray(self.pipeline.predict_proba(features), dtype=np.float64)
+
+    def ood_score(self, features: np.ndarray) -> np.ndarray | None:
+        """How unlike the training images each row of N×D features is (see
+        :class:`~featcache.outliers.OutlierScore`), or None when the model has no such score."""
+        return None if self.outlier is None else self.outlier.score(features)
 
     def predict(self, features: np.ndarray) -> list[str]:
         """The most probable class folder of each row of N×D features."""
@@ -198,6 +226,7 @@ class ModelBundle:
             "pipeline_pickle": self.pipeline_pickle,
             "top": self.top,
             "fit_identity": self.fit_identity.to_dict(),
+            "outlier": None if self.outlier is None else self.outlier.to_dict(),
         }
 
     @classmethod
@@ -216,6 +245,7 @@ class ModelBundle:
             pipeline_pickle=d.get("pipeline_pickle"),
             top={str(k): np.asarray(v) for k, v in d["top"].items()} if d.get("top") else None,
             fit_identity=BackboneIdentity.from_dict(d["fit_identity"]) if d.get("fit_identity") else None,
+            outlier=OutlierScore.from_dict(d["outlier"]) if d.get("outlier") else None,
         )
 
 

@@ -18,3 +18,10 @@ ENGINES = ("auto", "openvino", "torch")
 PLOT_METHODS = ("tsne", "pca")
 RESIZE_POLICIES = ("stretch", "center_crop")
 INTERPOLATIONS = ("bilinear", "bicubic")
+CLASS_WEIGHTS = ("auto", "none", "balanced")
+"""``fit --class-weight``: ``auto`` tries both weightings when the largest class has at least
+:data:`IMBALANCE` times the images of the smallest, else ``none``."""
+IMBALANCE = 1.5
+SELECT_BY = ("balanced_accuracy", "accuracy", "macro_f1")
+"""``fit --select-by``: the out-of-fold score that chooses settings and families (the first is the
+default)."""

@@ -190,7 +190,7 @@ def choose(
 
     from featcache.cache import read_cache
     from featcache.families import FAMILIES
-    from featcache.fit import EpochCounter, cross_validate_family
+    from featcache.fit import CVPlan, EpochCounter, cross_validate_family
 
     if per_class < 2:
         raise FeatcacheError(f"per_class must be at least 2, got {per_class}")
@@ -243,9 +243,8 @@ def choose(
             lambda done, total: report(Progress(done, total, stage="fit")),
             len(ParameterGrid(family.grid)) * cv * family.epochs,
         )
-        scores, _ = cross_validate_family(
-            candidate.family, X, y, folds, seed, fixed, epochs.fit_params(family)
-        )
+        plan = CVPlan(folds, seed, select_by="accuracy")  # a sample with as many images of each class
+        scores, _ = cross_validate_family(candidate.family, X, y, plan, fixed, epochs.fit_params(family))
         speed = _images_per_second(cache.identity, dataset.subset(files), run or RunOptions())
         kib = output.stat().st_size / len(cache) / 1024
         scored.append(

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 INPUT = "pixels"
 OUTPUT = "probabilities"
+OOD_OUTPUT = "ood_score"
+"""The second output, when the model has an out-of-distribution score: above ``featcache.ood``'s
+``threshold`` (metadata) the image is unlike the training images."""
 MAX_DIFFERENCE = 1e-4
 """The largest difference allowed between the file's probabilities and ``featcache predict``'s (fp32)."""
 OPSET = 17
@@ -38,13 +41,14 @@ OPSET = 17
 @dataclass
 class ExportResult:
     """What :func:`export` wrote and how closely it agrees with ``featcache predict``: the largest
-    absolute difference of any probability over ``n_checked`` images, and the share of them whose
-    best class agrees."""
+    absolute difference of any probability over ``n_checked`` images, the share of them whose
+    best class agrees, and the largest difference of an ``ood_score`` (None: the model has none)."""
 
     path: Path
     max_difference: float
     n_checked: int
     same_label: float
+    ood_difference: float | None = None
 
 
 def metadata(bundle: ModelBundle) -> dict[str, str]:
@@ -60,6 +64,10 @@ def metadata(bundle: ModelBundle) -> dict[str, str]:
         "input": f"{INPUT}: N x H x W x 3 uint8 RGB at the preprocessing size",
         "version": __version__,
     }
+    if bundle.outlier is not None:
+        outlier = bundle.outlier
+        values["ood"] = {"output": OOD_OUTPUT, "threshold": outlier.threshold, "keep": outlier.keep,
+                         "meaning": "unknown (none of the classes) when ood_score > threshold"}  # fmt: skip
     return {f"featcache.{k}": json.dumps(v, default=str) for k, v in values.items()}
 
 
@@ -94,12 +102,14 @@ def export(
     module = _classifier(net, bundle).eval()
     size = bundle.identity.preprocessing.size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    outputs = [OUTPUT] if bundle.outlier is None else [OUTPUT, OOD_OUTPUT]
     with replaced_atomically(output) as tmp:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the exporter's tracing notices
             torch.onnx.export(
-                module, (example,), str(tmp), input_names=[INPUT], output_names=[OUTPUT],
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET, dynamo=False,
+                module, (example,), str(tmp), input_names=[INPUT], output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in [INPUT, *outputs]}, opset_version=OPSET,
+                dynamo=False,
             )  # fmt: skip
         model = onnx.load(str(tmp))
         model.doc_string = f"featcache {bundle.family} classifier of {len(bundle.folders)} classes"
@@ -108,16 +118,18 @@ def export(
         onnx.save(model, str(tmp))
         pixels = _check_pixels(bundle) if check_pixels is None else check_pixels
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run([OUTPUT], {INPUT: pixels})[0]
-        expected = Predictor(fp32, device="cpu").predict_proba(list(pixels))
-        difference = float(np.abs(got - expected).max())
-        same = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
-        if not difference <= MAX_DIFFERENCE:
-            raise FeatcacheError(
-                f"the exported model's probabilities differ from featcache predict's by {difference:.2g} "
-                f"(allowed: {MAX_DIFFERENCE:g}); nothing was written"
-            )
-    return ExportResult(output, difference, len(pixels), same)
+        got = session.run(outputs, {INPUT: pixels})
+        expected, expected_ood = Predictor(fp32, device="cpu").score_pixels(pixels)
+        difference = float(np.abs(got[0] - expected).max())
+        same = float(np.mean(got[0].argmax(axis=1) == expected.argmax(axis=1)))
+        ood_difference = None if expected_ood is None else float(np.abs(got[1] - expected_ood).max())
+        for what, value in (("probabilities", difference), ("ood_score", ood_difference)):
+            if value is not None and not value <= MAX_DIFFERENCE:
+                raise FeatcacheError(
+                    f"the exported model's {what} differ from featcache predict's by {value:.2g} "
+                    f"(allowed: {MAX_DIFFERENCE:g}); nothing was written"
+                )
+    return ExportResult(output, difference, len(pixels), same, ood_difference)
 
 
 def _check_pixels(bundle: ModelBundle) -> np.ndarray:
@@ -134,7 +146,7 @@ def _classifier(net: nn.Module, bundle: ModelBundle) -> nn.Module:
     import torch
     from torch import nn
 
-    prep, head = bundle.identity.preprocessing, bundle.head
+    prep, head, outlier = bundle.identity.preprocessing, bundle.head, bundle.outlier
     float16 = bundle.feature_dtype == "float16"
 
     class Classifier(nn.Module):
@@ -145,12 +157,22 @@ def _classifier(net: nn.Module, bundle: ModelBundle) -> nn.Module:
             self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("coef", torch.tensor(head.coef.T * head.beta, dtype=torch.float32))
             self.register_buffer("intercept", torch.tensor(head.intercept * head.beta, dtype=torch.float32))
+            if outlier is not None:
+                for name in ("mean", "projection", "centers"):
+                    array = torch.tensor(getattr(outlier, name), dtype=torch.float32)
+                    self.register_buffer(f"ood_{name}", array)
 
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             x = pixels.permute(0, 3, 1, 2).float() / 255.0
             features = self.net((x - self.mean) / self.std)
             if float16:  # the model was fit on features stored as float16
                 features = features.half().float()
-            return (features @ self.coef + self.intercept).softmax(dim=1)
+            proba = (features @ self.coef + self.intercept).softmax(dim=1)
+            if outlier is None:
+                return proba
+            # featcache.outliers.OutlierScore.score
+            u = (features - self.ood_mean) @ self.ood_projection
+            d2 = (u[:, None, :] - self.ood_centers[None]).square().sum(dim=2)
+            return proba, (d2.min(dim=1).values / self.ood_projection.shape[1]).sqrt()
 
     return Classifier()

@@ -24,7 +24,10 @@ from featcache.images import ImageSource, load_batches, load_pixels
 class Prediction:
     """The result for one input: the best label with its probability and the top k, or an error.
 
-    ``label`` is the display name of class folder ``folder``.
+    ``label`` is the display name of class folder ``folder``. ``ood_score`` says how unlike the
+    training images the image is (None when the model has no such score); ``unknown`` is True
+    when it is above the model's threshold or the top probability is below the predictor's
+    ``min_confidence`` (None when the model can say neither).
     """
 
     path: str
@@ -34,10 +37,13 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     category: str | None = None
     error: str | None = None
+    ood_score: float | None = None
+    unknown: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON Lines record: ``path`` and ``error``, or ``label``, ``probability``, ``top_k``
-        and ``category`` when the label map has one (the folder name is not part of it)."""
+        """The JSON Lines record: ``path`` and ``error``, or ``label``, ``probability``, ``top_k``,
+        ``category`` when the label map has one (the folder name is not part of it), and
+        ``ood_score`` and ``unknown`` when the model gives them."""
         if self.error is not None:
             return {"path": self.path, "error": self.error}
         record: dict[str, Any] = {
@@ -48,6 +54,10 @@ class Prediction:
         }
         if self.category is not None:
             record["category"] = self.category
+        if self.ood_score is not None:
+            record["ood_score"] = self.ood_score
+        if self.unknown is not None:
+            record["unknown"] = self.unknown
         return record
 
 
@@ -61,7 +71,9 @@ class Predictor:
     """A fitted model plus the backbone it was fit on, ready to classify images.
 
     ``names`` are the display names (from the label map) in the column order of
-    :meth:`predict_proba`; ``folders`` are the class folder names behind them.
+    :meth:`predict_proba`; ``folders`` are the class folder names behind them. An image is
+    ``unknown`` when its out-of-distribution score is above the model's threshold, or (when
+    ``min_confidence`` is given) its top probability is below ``min_confidence``.
     """
 
     def __init__(
@@ -71,7 +83,13 @@ class Predictor:
         batch_size: int = 32,
         workers: int = 2,
         engine: str = "auto",
+        min_confidence: float | None = None,
     ):
+        if min_confidence is not None and not (
+            isinstance(min_confidence, int | float) and 0 <= min_confidence <= 1
+        ):
+            raise FeatcacheError(f"min_confidence must be a probability in [0, 1], got {min_confidence!r}")
+        self.min_confidence = min_confidence
         self.bundle = bundle
         self.identity = bundle.identity
         self.folders = bundle.folders
@@ -90,10 +108,12 @@ class Predictor:
         batch_size: int = 32,
         workers: int = 2,
         engine: str = "auto",
+        min_confidence: float | None = None,
     ) -> Predictor:
         """Load a verified model bundle (a file, or the folder ``fit`` wrote) and build its backbone
         on ``engine`` (see :func:`featcache.backbones.build.build_backbone`)."""
-        return cls(load_bundle(path), device=device, batch_size=batch_size, workers=workers, engine=engine)
+        bundle = load_bundle(path)
+        return cls(bundle, device, batch_size, workers, engine, min_confidence)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         # rounded through the cache dtype the model was fit on (float16 caches are mirrored)
@@ -124,14 +144,37 @@ class Predictor:
         names = [self.names[i] for i in proba.argmax(axis=1)]
         return names[0] if single else names
 
+    def ood_score(self, images: ImageSource | Sequence[ImageSource]) -> float | np.ndarray | None:
+        """How unlike the training images one image (a number) or many (an array) are; above
+        ``bundle.outlier.threshold`` is unknown. None when the model has no such score."""
+        if self.bundle.outlier is None:
+            return None
+        single = _is_single(images)
+        scores = self.bundle.ood_score(np.atleast_2d(self.embed(images)))
+        return float(scores[0]) if single else scores
+
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """N×H×W×3 uint8 pixels (from :func:`featcache.images.load_pixels`) → N×K class probabilities."""
         return self.bundle.predict_proba(self._features(pixels))
 
-    def prediction(self, path: str, proba: np.ndarray, top_k: int = 1) -> Prediction:
-        """The :class:`Prediction` named ``path`` for one row of class probabilities."""
+    def score_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """N×H×W×3 uint8 pixels → N×K class probabilities and N out-of-distribution scores (None
+        when the model has no such score)."""
+        features = self._features(pixels)
+        return self.bundle.predict_proba(features), self.bundle.ood_score(features)
+
+    def prediction(
+        self, path: str, proba: np.ndarray, top_k: int = 1, ood_score: float | None = None
+    ) -> Prediction:
+        """The :class:`Prediction` named ``path`` for one row of class probabilities (and its
+        out-of-distribution score, when the model has one)."""
         order = np.argsort(-proba, kind="stable")[:top_k]
         best = self.folders[order[0]]
+        unknown = None
+        if ood_score is not None:
+            unknown = bool(ood_score > self.bundle.outlier.threshold)
+        if self.min_confidence is not None:
+            unknown = bool(unknown) or bool(proba[order[0]] < self.min_confidence)
         return Prediction(
             path=path,
             label=self.names[order[0]],
@@ -139,6 +182,8 @@ class Predictor:
             probability=float(proba[order[0]]),
             top_k=[(self.names[i], float(proba[i])) for i in order],
             category=self.label_map.category(best),
+            ood_score=None if ood_score is None else float(ood_score),
+            unknown=unknown,
         )
 
     def predict_files(self, paths: Sequence[str | os.PathLike], top_k: int = 1) -> Iterator[Prediction]:
@@ -163,9 +208,11 @@ class Predictor:
                 if isinstance(px, str):
                     results[i] = Prediction(inputs[i][0], error=px)
             if good:
-                proba = self.predict_pixels(np.stack([px for _, px in good]))
-                for row, (i, _) in zip(proba, good, strict=True):
-                    results[i] = self.prediction(inputs[i][0], row, top_k)
+                proba, scores = self.score_pixels(np.stack([px for _, px in good]))
+                for k, (row, (i, _)) in enumerate(zip(proba, good, strict=True)):
+                    results[i] = self.prediction(
+                        inputs[i][0], row, top_k, None if scores is None else scores[k]
+                    )
             while done < len(results) and results[done] is not None:
                 yield results[done]
                 done += 1

@@ -38,17 +38,53 @@ def per_class(
     ]  # fmt: skip
 
 
+LOW_RECALL = 0.10
+"""A class recognised in fewer than this share of its images gets a warning."""
+
+
+def low_recall(
+    rows: list[dict[str, Any]], confusion: np.ndarray, label_map: LabelMap
+) -> list[dict[str, Any]]:
+    """The classes of :func:`per_class` ``rows`` recognised in under :data:`LOW_RECALL` of their
+    images, each with what it is mistaken for most (from ``confusion``, rows true, columns predicted)."""
+    found = []
+    for i, r in enumerate(rows):
+        if r["support"] == 0 or r["recall"] >= LOW_RECALL:
+            continue
+        wrong = np.array(confusion[i], copy=True)
+        wrong[i] = 0
+        j = int(wrong.argmax())
+        mistaken_for = label_map.display(rows[j]["folder"])
+        found.append({**r, "mistaken_for": mistaken_for, "mistaken": int(wrong[j])})
+    return found
+
+
+def low_recall_line(row: dict[str, Any], where: str) -> str:
+    """One line for a :func:`low_recall` entry, e.g. ``class shirt (40 images): recall 2.5 % out of
+    fold; mostly mistaken for t-shirt (25)``."""
+    mistaken = f"; mostly mistaken for {row['mistaken_for']} ({row['mistaken']})" if row["mistaken"] else ""
+    return (
+        f"class {_label(row)} ({row['support']} images): recall {100 * row['recall']:.1f} % {where}{mistaken}"
+    )
+
+
 def families_table(report: dict[str, Any]) -> str:
-    """One line per model family: CV accuracy mean ± std, macro-F1, fit time, best parameters; then
-    one line per family whose solver did not converge in some of its fits."""
-    lines = [f"{'family':8} {'CV accuracy':>17} {'macro-F1':>9} {'CV s':>7}  best parameters"]
+    """One line per model family: CV accuracy mean ± std, balanced accuracy, macro-F1, the smallest
+    class recall, fit time, best parameters; then one line per family whose solver did not
+    converge in some of its fits, and how the best was chosen."""
+    lines = [f"{'family':8} {'CV accuracy':>17} {'balanced':>9} {'macro-F1':>9} {'min recall':>10} "
+             f"{'CV s':>7}  best parameters"]  # fmt: skip
     for name, r in report["families"].items():
         mark = " *" if name == report["best"] else "  "
         params = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in r["best_params"].items())
+        balanced = r.get("cv_balanced_accuracy_mean", float("nan"))
         lines.append(
             f"{name:8} {100 * r['cv_accuracy_mean']:8.2f} ± {100 * r['cv_accuracy_std']:5.2f} %"
-            f" {100 * r['cv_f1_macro_mean']:8.2f}% {r['fit_seconds']:7.1f}{mark} {params}"
+            f" {100 * balanced:8.2f}% {100 * r['cv_f1_macro_mean']:8.2f}%"
+            f" {100 * r.get('min_recall', float('nan')):9.1f}% {r['fit_seconds']:7.1f}{mark} {params}"
         )
+    if "select_by" in report:
+        lines.append(f"* best by out-of-fold {report['select_by'].replace('_', ' ')}")
     for name, r in report["families"].items():
         if r.get("not_converged"):
             lines.append(f"{name}: {r['not_converged']} of {r['fits']} fits did not converge")
@@ -163,6 +199,56 @@ def save_confusion_png(
             ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
         return _save(fig, path)
+
+
+def save_reliability_png(
+    proba: np.ndarray, y_idx: np.ndarray, path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Draw a reliability diagram: per confidence bin, the accuracy of its predictions against their
+    mean confidence (the diagonal is perfect calibration), with how many predictions each bin holds."""
+    from featcache.calibration import BINS, expected_calibration_error, reliability
+
+    r = reliability(proba, y_idx, BINS)
+    plt = _pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    edges = np.linspace(0, 1, BINS + 1)
+    used = r.count > 0
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfect calibration")
+    ax.bar(edges[:-1][used], r.accuracy[used], width=1 / BINS, align="edge", color="#4c78a8", edgecolor="w",
+           label="accuracy of the bin")  # fmt: skip
+    ax.plot(
+        r.confidence[used], r.accuracy[used], "o", color="#e45756", ms=4, label="mean confidence of the bin"
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ece = expected_calibration_error(proba, y_idx, BINS)
+    ax.set_title(f"{title}\nECE {ece:.3f} ({BINS} bins, {len(y_idx)} images)".strip(), fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    counts.bar(edges[:-1], r.count, width=1 / BINS, align="edge", color="0.6", edgecolor="white")
+    counts.set_xlabel("confidence (top-1 probability)")
+    counts.set_ylabel("images")
+    return _save(fig, path)
+
+
+def plot_calibration(
+    model_dir: str | os.PathLike = "models", output: str | os.PathLike | None = None
+) -> Path:
+    """Save the reliability diagram of the out-of-fold probabilities ``fit`` kept in ``model_dir``
+    (``oof.npz``), calibrated as the saved model is; ``output`` defaults to ``calibration.png`` there."""
+    from featcache.files import writable_file
+    from featcache.oof import OOF_FILE, load_oof
+
+    model_dir = Path(model_dir)
+    oof = load_oof(model_dir)
+    folder = model_dir if model_dir.is_dir() else model_dir.parent
+    output = writable_file(folder / "calibration.png" if output is None else output)
+    column = {str(f): i for i, f in enumerate(oof["folders"])}
+    y_idx = np.array([column[str(t)] for t in oof["truth"]], dtype=int)
+    return save_reliability_png(
+        oof["probabilities"], y_idx, output, f"out-of-fold probabilities ({OOF_FILE})"
+    )
 
 
 def embed_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:

@@ -126,7 +126,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         summary="Classify images",
         description="Images as multipart files (field 'files', one or more), or one image as the raw "
         "body. Answers a list with one object per image, as 'featcache predict --json': path (the "
-        "upload's file name), label, folder, probability, top_k, category. A request whose images "
+        "upload's file name), label, folder, probability, top_k, category, and ood_score and unknown "
+        "when the model has an out-of-distribution score. A request whose images "
         "all fail to decode is a 400 with the reasons.",
     )
     async def predict(
@@ -153,13 +154,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(400, reasons)
         future = asyncio.get_running_loop().create_future()
         await state.queue.put((np.stack([decoded[i] for i in good]), future))
-        proba = iter(await future)
+        proba, scores = await future
+        rows = iter(range(len(proba)))
         out = []
         for (name, _), px in zip(uploads, decoded, strict=True):
             if isinstance(px, str):
                 out.append({"path": name, "error": px})
             else:
-                out.append(state.predictor.prediction(name, next(proba), top_k).to_dict())
+                i = next(rows)
+                score = None if scores is None else scores[i]
+                out.append(state.predictor.prediction(name, proba[i], top_k, score).to_dict())
         return out
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -193,8 +197,8 @@ async def _batches(state: _State, max_batch: int) -> None:
             items.append(state.queue.get_nowait())
             size += len(items[-1][0])
         try:
-            proba = await run_in_threadpool(
-                state.predictor.predict_pixels, np.concatenate([p for p, _ in items])
+            proba, scores = await run_in_threadpool(
+                state.predictor.score_pixels, np.concatenate([p for p, _ in items])
             )
         except Exception as e:  # each waiting request gets the error
             for _, future in items:
@@ -204,7 +208,8 @@ async def _batches(state: _State, max_batch: int) -> None:
         start = 0
         for pixels, future in items:
             if not future.done():
-                future.set_result(proba[start : start + len(pixels)])
+                part = slice(start, start + len(pixels))
+                future.set_result((proba[part], None if scores is None else scores[part]))
             start += len(pixels)
 
 

@@ -115,7 +115,7 @@ def test_a_flat_folder_is_told_that_classes_are_sub_folders_and_cv_is_a_flag(tmp
     run = run_featcache(["fit", tmp_path / "flat.h5", "-o", tmp_path / "m"], timeout=120)
     _one_error_line(run, "found 0: classes are sub-folders (DATA_DIR/<class>/<image>)")
     run = run_featcache(["fit", tmp_path / "data.h5", "-o", tmp_path / "m"], timeout=120)
-    _one_error_line(run, "fewer images than the 5 folds (--cv 5)", "lower --cv 5")
+    _one_error_line(run, "fewer images than the 5 folds:", "use fewer folds than --cv 5")
 
 
 def test_a_near_miss_never_hides_a_torchvision_model():

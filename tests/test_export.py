@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from conftest import make_dataset
+from PIL import Image
 
 from featcache.backbones import Preprocessing
 from featcache.bundle import load_bundle, save_bundle
@@ -64,6 +65,19 @@ def test_the_onnx_file_gives_predicts_probabilities(tmp_path, data, backbone, fa
     assert got.shape == expected.shape == (24, 3)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
+    # the out-of-distribution score too, on the training images and on noise, which it flags
+    assert result.ood_difference is not None and result.ood_difference <= MAX_DIFFERENCE
+    size = bundle.identity.preprocessing.size
+    noise = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    pixels = np.concatenate([_pixels(data, bundle), noise])
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got_ood = session.run(["ood_score"], {"pixels": pixels})[0]
+    expected_ood = Predictor.load(model_path, device="cpu").ood_score(list(pixels))
+    np.testing.assert_allclose(got_ood, expected_ood, rtol=0, atol=1e-4)
+    threshold = json.loads(session.get_modelmeta().custom_metadata_map["featcache.ood"])["threshold"]
+    assert threshold == bundle.outlier.threshold
+    if extract_args.get("weights") != "random":  # a random network's features say little about anything
+        assert (got_ood[-2:] > threshold).all()
 
 
 def test_the_metadata_is_enough_to_use_the_file(tmp_path, data):
@@ -122,14 +136,17 @@ def test_the_example_script_classifies_with_onnxruntime_alone(tmp_path, data):
     model_path = _model(tmp_path, data, "efficientnet_lite0", "logreg")
     onnx_path = export(model_path, tmp_path / "model.onnx").path
     predictor = Predictor.load(model_path)
-    for image in sorted(data.rglob("*.jpg"))[::5]:
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noise)
+    shown_lines = []
+    for image in [*sorted(data.rglob("*.jpg"))[::5], noise]:
         run = subprocess.run([sys.executable, "-I", "-c", BLOCK_FEATCACHE, str(onnx_path), str(image)],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode == 0, run.stderr
-        label, probability, torch_line = (
-            run.stdout.splitlines()[0].rsplit(" ", 1) + run.stdout.splitlines()[1:2]
-        )
-        proba = predictor.predict_proba(image)
-        assert label == predictor.names[int(proba.argmax())]
-        assert probability == f"{proba.max():.1%}"
+        first, torch_line = run.stdout.splitlines()[:2]
+        p = next(predictor.predict_files([image]))
+        closest = f"unknown (closest: {p.label} {p.probability:.0%})"
+        assert first == (closest if p.unknown else f"{p.label} {p.probability:.1%}")
         assert torch_line == "torch imported: False" and "featcache importable" not in run.stdout
+        shown_lines.append(first)
+    assert shown_lines[-1].startswith("unknown (closest: ")  # the noise

@@ -56,17 +56,22 @@ _FLAGS = {
     "device": "--device",
     "cv": "--cv",
     "per_class": "--per-class",
+    "group_duplicates": "--no-group-duplicates",
+    "class_weight": "--class-weight",
+    "select_by": "--select-by",
+    "min_confidence": "--min-confidence",
 }
 _PARAMETER = re.compile(r"\b(" + "|".join(_FLAGS) + r")=('[^']*'|[^\s,;:)]+)")
 
 
 def as_flags(message: str) -> str:
     """A library message with the parameters it names (``overwrite=True``, ``weights=PATH``) written
-    as this command line's options (``--overwrite``, ``--weights PATH``)."""
+    as this command line's options (``--overwrite``, ``--weights PATH``; a flag's one setting,
+    such as ``group_duplicates=False``, as the flag that sets it)."""
 
     def flag(m: re.Match) -> str:
         option, value = _FLAGS[m.group(1)], m.group(2).strip("'")
-        return option if value == "True" else f"{option} {value}"
+        return option if value in ("True", "False") else f"{option} {value}"
 
     return _PARAMETER.sub(flag, message)
 

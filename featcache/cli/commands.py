@@ -376,19 +376,47 @@ def info(features: str, show_skipped: bool) -> None:
     help="Folder for best.joblib, its manifest, report.json and confusion_matrix.png.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and the models.")
-def fit(features: str, model: str, cv: int, output: str, seed: int) -> None:
+@click.option(
+    "--class-weight",
+    type=click.Choice(choices.CLASS_WEIGHTS),
+    default="auto",
+    show_default=True,
+    help="balanced: each class weighs the same in the loss; auto: try none and balanced when the "
+    f"largest class has {choices.IMBALANCE}x the images of the smallest, else none.",
+)
+@click.option(
+    "--select-by",
+    type=click.Choice(choices.SELECT_BY),
+    default=choices.SELECT_BY[0],
+    show_default=True,
+    help="Out-of-fold score that chooses settings and families (balanced accuracy is accuracy on "
+    "balanced classes, and sees a class the model ignores).",
+)
+@click.option(
+    "--no-group-duplicates",
+    is_flag=True,
+    help="Let near-duplicate images (cosine >= 0.98) fall into different folds (by default they "
+    "stay in one, so CV does not score memory).",
+)
+def fit(
+    features: str, model: str, cv: int, output: str, seed: int, class_weight: str, select_by: str,
+    no_group_duplicates: bool,
+) -> None:  # fmt: skip
     """Cross-validate classifiers on a feature cache and save the best.
 
-    Each family's small grid is scored by stratified k-fold CV; the family with the best mean
-    accuracy is refit on all labelled images and saved with its report.
+    Each family's small grid is scored by stratified k-fold CV; the setting and family with the
+    best out-of-fold --select-by score are refit on all labelled images and saved with their
+    report, the out-of-fold probabilities (oof.npz) and an out-of-distribution threshold.
     """
+    from featcache.fit import Selection
     from featcache.fit import fit as run_fit
 
+    selection = Selection(class_weight, select_by, not no_group_duplicates)
     bar = EpochBar()
     try:
         result = run_fit(
-            features, model=model, cv=cv, output=output, seed=seed, on_progress=bar.message,
-            on_epoch=bar.update,
+            features, model=model, cv=cv, output=output, seed=seed, selection=selection,
+            on_progress=bar.message, on_epoch=bar.update,
         )  # fmt: skip
     finally:
         bar.close()
@@ -420,6 +448,12 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str, engine:
 @model_path_option("Model bundle to use, or the folder 'fit -o' wrote.")
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes per image.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per image (or error).")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Also call an image unknown when its top probability is below this (e.g. 0.5).",
+)
 @batch_size_option("Images per forward pass.")
 @device_option("Where the backbone runs; auto picks CUDA when available.")
 @engine_option("What runs the backbone.")
@@ -428,19 +462,23 @@ def predict(
     model_path: str,
     top_k: int,
     as_json: bool,
+    min_confidence: float | None,
     batch_size: int,
     device: str,
     engine: str,
 ) -> None:
     """Classify image files and folders (recursively) with a saved model.
 
-    One line per image: path, label, probability (and category when the label map has one).
-    An image that cannot be read gets an error line; the others are still predicted, and the
-    exit status is then 1.
+    One line per image: path, label, probability (and category when the label map has one), or
+    "unknown (closest: ...)" for an image unlike all the training images (or, with
+    --min-confidence, one the model is unsure of). An image that cannot be read gets an error
+    line; the others are still predicted, and the exit status is then 1.
     """
     from featcache.predictor import Predictor
 
-    predictor = Predictor.load(model_path, device=device, batch_size=batch_size, engine=engine)
+    predictor = Predictor.load(
+        model_path, device=device, batch_size=batch_size, engine=engine, min_confidence=min_confidence
+    )
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None
@@ -470,14 +508,28 @@ def predict(
     help="Larger caches are drawn from a random sample of this many images.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of t-SNE.")
-def plot(features: str, output: str | None, method: str, max_points: int, seed: int) -> None:
-    """Draw a 2-D map of a feature cache, one colour per class.
+@click.option(
+    "--calibration",
+    "model_dir",
+    default=None,
+    metavar="MODEL_DIR",
+    help="Draw instead the reliability diagram of the out-of-fold probabilities 'fit' kept in MODEL_DIR "
+    "(default output: MODEL_DIR/calibration.png).",
+)
+def plot(
+    features: str, output: str | None, method: str, max_points: int, seed: int, model_dir: str | None
+) -> None:
+    """Draw a 2-D map of a feature cache, one colour per class (or, with --calibration, how well a
+    model's confidence matches its accuracy).
 
     Classes that form tight, separate clusters are easy for a linear classifier; overlapping
     ones are where its mistakes will be.
     """
-    from featcache.report import plot_embedding
+    from featcache.report import plot_calibration, plot_embedding
 
+    if model_dir is not None:
+        click.echo(f"{plot_calibration(model_dir, output)}")
+        return
     click.echo(f"{plot_embedding(features, output, method=method, max_points=max_points, seed=seed)}")
 
 
@@ -586,11 +638,14 @@ def export(model_path: str, output: str) -> None:
 
     result = run_export(model_path, output)
     meta = result.path.stat().st_size / 1024 / 1024
+    outputs = "output 'probabilities'" + ("" if result.ood_difference is None else " and 'ood_score'")
     click.echo(f"{result.path}: {meta:.1f} MiB, ONNX opset {OPSET}; input 'pixels' (N x H x W x 3 uint8), "
-               "output 'probabilities'; classes and preprocessing in its metadata")  # fmt: skip
+               f"{outputs}; classes, preprocessing and the ood threshold in its metadata")  # fmt: skip
+    difference = result.ood_difference
+    ood = "" if difference is None else f", largest ood_score difference {difference:.1e}"
     click.echo(
         f"checked against featcache predict on {result.n_checked} images: largest probability difference "
-        f"{result.max_difference:.1e}, same label for {100 * result.same_label:.0f} %"
+        f"{result.max_difference:.1e}{ood}, same label for {100 * result.same_label:.0f} %"
     )
 
 

@@ -56,6 +56,8 @@ def echo_fit(result, per_class: bool = True) -> None:
     click.echo(f"{report['n_images']} images, {report['n_classes']} classes, {report['cv']}-fold CV "
                f"(seed {report['seed']})")  # fmt: skip
     click.echo(families_table(report))
+    for line in fit_notes(report):
+        click.echo(line)
     if per_class:
         click.echo(f"\nbest: {report['best']}; per class, from out-of-fold predictions:")
         click.echo(per_class_table(report["per_class"]))
@@ -64,6 +66,35 @@ def echo_fit(result, per_class: bool = True) -> None:
     click.echo(f"\nmodel   {result.model_path}")
     click.echo(f"report  {result.report_path}")
     click.echo(f"matrix  {result.confusion_path}")
+    click.echo(f"oof     {result.model_path.parent / 'oof.npz'}  (out-of-fold probabilities)")
+    folder = result.model_path.parent
+    click.echo(f"        featcache plot --calibration {folder}  # their reliability diagram")
+
+
+def fit_notes(report: dict) -> list[str]:
+    """The lines under the families table: near-duplicates, calibration, the unknown-image threshold."""
+    lines = []
+    dup = report.get("duplicates", {})
+    if dup.get("groups"):
+        lines.append(
+            f"near-duplicates: {dup['rows']} images in {dup['groups']} groups, each kept in one fold"
+        )
+        if "without_grouping" in dup and abs(dup["with_grouping"] - dup["without_grouping"]) > 0.005:
+            metric = dup["metric"].replace("_", " ")
+            grouped, split = 100 * dup["with_grouping"], 100 * dup["without_grouping"]
+            lines.append(f"  CV {metric} {grouped:.2f} % with them grouped, {split:.2f} % split across folds")
+    cal = report.get("calibration")
+    if cal:
+        if cal["scaled"]:
+            lines.append(f"calibration: ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f} out of fold "
+                         f"(temperature scaling, beta {cal['temperature_beta']:.3g})")  # fmt: skip
+        else:
+            lines.append(f"calibration: ECE {cal['ece']:.3f} out of fold (no scaling needed)")
+    ood = report.get("outliers")
+    if ood:
+        lines.append(f"unknown images: ood_score above {ood['threshold']:.3f} "
+                     f"(keeps {100 * ood['keep']:.0f} % of the training images, out of fold)")  # fmt: skip
+    return lines
 
 
 def echo_evaluation(source: str, ev) -> None:
@@ -72,6 +103,10 @@ def echo_evaluation(source: str, ev) -> None:
     click.echo(f"{source}: {ev.n_images} labelled images")
     click.echo(f"accuracy  {100 * ev.accuracy:.2f} %")
     click.echo(f"macro-F1  {100 * ev.macro_f1:.2f} %")
+    if ev.coverage is not None:
+        covered = "n/a" if ev.covered_accuracy is None else f"{100 * ev.covered_accuracy:.2f} %"
+        click.echo(f"coverage  {100 * ev.coverage:.2f} % answered, {sum(ev.unknown)} unknown; "
+                   f"accuracy on the answered {covered}")  # fmt: skip
     click.echo(per_class_table(ev.per_class))
     if ev.skipped:
         click.echo(f"skipped {len(ev.skipped)} unreadable file(s)", err=True)
@@ -84,5 +119,7 @@ def echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
         click.echo(f"error: {printable(p.path)}: {p.error}", err=True)
     else:
         ranked = "  ".join(f"{label} {100 * prob:.1f}%" for label, prob in p.top_k)
-        category = f"  [{p.category}]" if p.category else ""
+        if p.unknown:
+            ranked = f"unknown (closest: {p.label} {100 * p.probability:.0f} %)"
+        category = f"  [{p.category}]" if p.category and not p.unknown else ""
         click.echo(f"{printable(p.path)}\t{ranked}{category}{suffix}")

@@ -1,0 +1,114 @@
+"""An out-of-distribution score: how unlike the training images an image's features are.
+
+A softmax always names one of its classes, however strange the image. The distance of the
+features to the nearest class mean, measured with the covariance of the training features
+(Mahalanobis; Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples
+and Adversarial Attacks", NeurIPS 2018), says when an image is unlike all of them. The features
+are standardised and reduced by PCA; the shared covariance of the class residuals is shrunk
+(Ledoit-Wolf) so that it can be inverted with fewer images than dimensions. Scoring is plain
+NumPy: what is fitted is kept as four arrays and two numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+COMPONENTS = 128
+"""PCA components the distance is measured in (at most: fewer when the features have fewer)."""
+KEEP = 0.95
+"""Share of in-distribution images the default threshold keeps (a quantile of out-of-fold scores)."""
+
+
+@dataclass(frozen=True)
+class OutlierScore:
+    """``score(X)``: the Mahalanobis distance of each row to the nearest class mean, divided by the
+    square root of the dimensions it is measured in (about 1 for a typical training image).
+
+    ``(X - mean) @ projection`` standardises, reduces and whitens the features at once;
+    ``centers`` are the class means there, one row per class. An image scoring above
+    ``threshold`` is unknown; the threshold keeps ``keep`` of the in-distribution images it was
+    set on (out of fold).
+    """
+
+    mean: np.ndarray
+    projection: np.ndarray
+    centers: np.ndarray
+    threshold: float = float("inf")
+    keep: float = KEEP
+
+    def __post_init__(self) -> None:
+        d, p = self.projection.shape
+        if self.mean.shape != (d,) or self.centers.ndim != 2 or self.centers.shape[1] != p:
+            raise ValueError(
+                f"an outlier score needs mean (d,), projection d×p and centers k×p; got "
+                f"{self.mean.shape}, {self.projection.shape}, {self.centers.shape}"
+            )
+        if not (self.threshold > 0 and 0 < self.keep <= 1):
+            raise ValueError(f"threshold must be > 0 and keep in (0, 1]; got {self.threshold}, {self.keep}")
+
+    @property
+    def n_classes(self) -> int:
+        return self.centers.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.mean.shape[0]
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """N×D features → N scores (float64); larger is less like the training images."""
+        u = (np.asarray(X, dtype=np.float64) - self.mean) @ self.projection
+        c = self.centers
+        d2 = (u * u).sum(axis=1)[:, None] - 2 * u @ c.T + (c * c).sum(axis=1)
+        return np.sqrt(np.maximum(d2.min(axis=1), 0) / self.projection.shape[1]) if len(u) else np.zeros(0)
+
+    def unknown(self, X: np.ndarray) -> np.ndarray:
+        """Whether each row of N×D features scores above the threshold."""
+        return self.score(X) > self.threshold
+
+    def with_threshold(self, scores: np.ndarray, keep: float = KEEP) -> OutlierScore:
+        """This score with the threshold that keeps ``keep`` of ``scores`` (of held-out in-distribution
+        images: in-sample scores are smaller, and their threshold would flag too many)."""
+        from dataclasses import replace
+
+        return replace(self, threshold=float(np.quantile(scores, keep)), keep=float(keep))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "projection": self.projection, "centers": self.centers,
+                "threshold": float(self.threshold), "keep": float(self.keep)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OutlierScore:
+        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in ("mean", "projection", "centers")}
+        return cls(**arrays, threshold=float(d["threshold"]), keep=float(d["keep"]))
+
+
+def fit_outlier_score(X: np.ndarray, y_idx: np.ndarray, components: int = COMPONENTS) -> OutlierScore:
+    """The :class:`OutlierScore` of features ``X`` with class indices ``y_idx`` (0..K-1, every class
+    present), without a threshold yet (see :meth:`OutlierScore.with_threshold`)."""
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float64)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    # a feature that hardly varies would turn float noise into distance: no scale below a tenth
+    # of the typical one
+    scale = np.maximum(scale, 0.1 * np.median(scale) + 1e-12)
+    Z = (X - mean) / scale
+    p = min(components, X.shape[1], max(len(X) - 1, 1))
+    if p < X.shape[1]:
+        pca = PCA(p, svd_solver="randomized", random_state=0).fit(Z)
+        reduce = pca.components_.T
+        Z = (Z - pca.mean_) @ reduce
+        mean = mean + scale * (pca.mean_)  # (X - mean') / scale - pca.mean_ == (X - mean) / scale
+    else:
+        reduce = np.eye(X.shape[1])
+    k = int(y_idx.max()) + 1
+    class_means = np.stack([Z[y_idx == c].mean(axis=0) for c in range(k)])
+    precision = LedoitWolf(assume_centered=True).fit(Z - class_means[y_idx]).precision_
+    whiten = np.linalg.cholesky((precision + precision.T) / 2)  # precision = whiten @ whiten.T
+    projection = (reduce / scale[:, None]) @ whiten
+    return OutlierScore(mean, projection, class_means @ whiten)
