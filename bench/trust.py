@@ -112,70 +112,68 @@ def main() -> None:
 
 
 def imbalance_unknown_calibration(work: Path, base: int, opts: dict) -> None:
-    if True:
-        train = imbalanced_folder(work / "imb-train", "train", base)
-        test = imbalanced_folder(work / "imb-test", "t10k", base // 2, seed=1)
-        for folder, cache in ((train, "train.h5"), (test, "test.h5")):
-            extract(folder, work / cache, **opts)
-        counts = read_cache(work / "train.h5").class_counts()
-        print(f"imbalanced Fashion-MNIST: {sum(counts.values())} training images, "
-              f"{', '.join(f'{k} {v}' for k, v in counts.items())}")  # fmt: skip
-        print(f"held-out: {len(read_cache(work / 'test.h5'))} images from t10k, same shares\n")
-        print("1. imbalance (fit --model all --cv 5, scored on the held-out images)")
-        runs = {"before: --class-weight none --select-by accuracy": Selection("none", "accuracy"),
-                "after:  the defaults (auto, balanced_accuracy)": Selection()}  # fmt: skip
-        models = {}
-        for name, selection in runs.items():
-            out = work / ("before" if name.startswith("before") else "after")
-            report = fit(work / "train.h5", output=out, selection=selection).report
-            best = report["families"][report["best"]]
-            ev = evaluate(work / "test.h5", out)
-            models[name] = (out, report)
-            print(f"  {name}: chose {report['best']} {best['best_params']}")
-            oof = (best["cv_accuracy_mean"], best["cv_balanced_accuracy_mean"], best["min_recall"])
-            print(
-                "    out of fold: accuracy {:.1f}, balanced {:.1f}, min recall {:.1f}".format(
-                    *(100 * v for v in oof)
-                )
+    train = imbalanced_folder(work / "imb-train", "train", base)
+    test = imbalanced_folder(work / "imb-test", "t10k", base // 2, seed=1)
+    for folder, cache in ((train, "train.h5"), (test, "test.h5")):
+        extract(folder, work / cache, **opts)
+    counts = read_cache(work / "train.h5").class_counts()
+    print(f"imbalanced Fashion-MNIST: {sum(counts.values())} training images, "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())}")  # fmt: skip
+    print(f"held-out: {len(read_cache(work / 'test.h5'))} images from t10k, same shares\n")
+    print("1. imbalance (fit --model all --cv 5, scored on the held-out images)")
+    runs = {"before: --class-weight none --select-by accuracy": Selection("none", "accuracy"),
+            "after:  the defaults (auto, balanced_accuracy)": Selection()}  # fmt: skip
+    models = {}
+    for name, selection in runs.items():
+        out = work / ("before" if name.startswith("before") else "after")
+        report = fit(work / "train.h5", output=out, selection=selection).report
+        best = report["families"][report["best"]]
+        ev = evaluate(work / "test.h5", out)
+        models[name] = (out, report)
+        print(f"  {name}: chose {report['best']} {best['best_params']}")
+        oof = (best["cv_accuracy_mean"], best["cv_balanced_accuracy_mean"], best["min_recall"])
+        print(
+            "    out of fold: accuracy {:.1f}, balanced {:.1f}, min recall {:.1f}".format(
+                *(100 * v for v in oof)
             )
-            print(f"    held out:    {scores(ev)}; covered {100 * ev.coverage:.1f} % "
-                  f"(accuracy there {100 * ev.covered_accuracy:.1f})")  # fmt: skip
+        )
+        print(f"    held out:    {scores(ev)}; covered {100 * ev.coverage:.1f} % "
+              f"(accuracy there {100 * ev.covered_accuracy:.1f})")  # fmt: skip
 
-        print("\n2. unknown images (threshold: 95th percentile of out-of-fold scores)")
-        after = work / "after"
-        kept = 1 - flagged(after, test)
-        far = flagged(after, digits_folder(work / "digits"))
-        print(f"  far:  imbalanced model vs 500 handwritten digits: kept {100 * kept:.1f} % of held-out "
-              f"Fashion-MNIST, flagged {100 * far:.1f} % of digits")  # fmt: skip
-        near_model = work / "near"
-        fit(without_classes(work / "train.h5", work / "near.h5", NEAR_HELD_OUT), output=near_model)
-        others = [p for p in test.iterdir() if p.is_dir() and p.name not in NEAR_HELD_OUT]
-        known = _linked(work / "near-in", others)
-        unknown = _linked(work / "near-out", [test / name for name in NEAR_HELD_OUT])
-        near_kept, near = 1 - flagged(near_model, known), flagged(near_model, unknown)
-        print(f"  near: model of the other 8 classes: kept {100 * near_kept:.1f} % of held-out images of its "
-              f"classes, flagged {100 * near:.1f} % of {' and '.join(NEAR_HELD_OUT)}")  # fmt: skip
+    print("\n2. unknown images (threshold: 95th percentile of out-of-fold scores)")
+    after = work / "after"
+    kept = 1 - flagged(after, test)
+    far = flagged(after, digits_folder(work / "digits"))
+    print(f"  far:  imbalanced model vs 500 handwritten digits: kept {100 * kept:.1f} % of held-out "
+          f"Fashion-MNIST, flagged {100 * far:.1f} % of digits")  # fmt: skip
+    near_model = work / "near"
+    fit(without_classes(work / "train.h5", work / "near.h5", NEAR_HELD_OUT), output=near_model)
+    others = [p for p in test.iterdir() if p.is_dir() and p.name not in NEAR_HELD_OUT]
+    known = _linked(work / "near-in", others)
+    unknown = _linked(work / "near-out", [test / name for name in NEAR_HELD_OUT])
+    near_kept, near = 1 - flagged(near_model, known), flagged(near_model, unknown)
+    print(f"  near: model of the other 8 classes: kept {100 * near_kept:.1f} % of held-out images of its "
+          f"classes, flagged {100 * near:.1f} % of {' and '.join(NEAR_HELD_OUT)}")  # fmt: skip
 
-        print("\n3. calibration (out-of-fold ECE, 15 bins)")
-        for name, (_, report) in models.items():
-            cal = report["calibration"]
-            how = f"temperature beta {cal['temperature_beta']:.3g}" if cal["scaled"] else "not scaled"
-            ece = f"ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f}"
-            print(f"  {name.split(':')[0]:6} {report['best']:8} {ece} ({how})")
+    print("\n3. calibration (out-of-fold ECE, 15 bins)")
+    for name, (_, report) in models.items():
+        cal = report["calibration"]
+        how = f"temperature beta {cal['temperature_beta']:.3g}" if cal["scaled"] else "not scaled"
+        ece = f"ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f}"
+        print(f"  {name.split(':')[0]:6} {report['best']:8} {ece} ({how})")
 
 
 def duplicates(work: Path, opts: dict) -> None:
-    if True:
-        print("\n4. planted near-duplicates (fit --model logreg --cv 5)")
-        dup_folder, planted = duplicated_folder(work / "dups")
-        extract(dup_folder, work / "dups.h5", **opts)
-        report = fit(work / "dups.h5", model="logreg", output=work / "dups-model").report
-        d = report["duplicates"]
-        print(f"  {len(read_cache(work / 'dups.h5'))} images, {planted} of them planted copies: "
-              f"{d['rows']} images joined in {d['groups']} groups")  # fmt: skip
-        if "without_grouping" in d:
-            print(f"  CV balanced accuracy {100 * d['with_grouping']:.2f} % grouped, "
-                  f"{100 * d['without_grouping']:.2f} % with copies split across folds")  # fmt: skip
+    print("\n4. planted near-duplicates (fit --model logreg --cv 5)")
+    dup_folder, planted = duplicated_folder(work / "dups")
+    extract(dup_folder, work / "dups.h5", **opts)
+    report = fit(work / "dups.h5", model="logreg", output=work / "dups-model").report
+    d = report["duplicates"]
+    print(f"  {len(read_cache(work / 'dups.h5'))} images, {planted} of them planted copies: "
+          f"{d['rows']} images joined in {d['groups']} groups")  # fmt: skip
+    if "without_grouping" in d:
+        print(f"  CV balanced accuracy {100 * d['with_grouping']:.2f} % grouped, "
+              f"{100 * d['without_grouping']:.2f} % with copies split across folds")  # fmt: skip
 
 
 def without_classes(source: Path, target: Path, dropped: tuple[str, ...]) -> Path:

@@ -87,7 +87,7 @@ class ModelBundle:
             raise FeatcacheError("the model bundle is inconsistent: its head does not fit its classes")
         if self.outlier is not None and (
             self.outlier.n_classes != len(self.folders)
-            or self.outlier.n_features != self.identity.feature_dim
+            or (self.head is not None and self.outlier.n_features != self.head.coef.shape[1])
         ):
             raise FeatcacheError(
                 "the model bundle is inconsistent: its outlier score does not fit its features"

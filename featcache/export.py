@@ -171,7 +171,8 @@ def _classifier(net: nn.Module, bundle: ModelBundle) -> nn.Module:
             if outlier is None:
                 return proba
             # featcache.outliers.OutlierScore.score
-            u = (features - self.ood_mean) @ self.ood_projection
+            unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            u = (unit - self.ood_mean) @ self.ood_projection
             d2 = (u[:, None, :] - self.ood_centers[None]).square().sum(dim=2)
             return proba, (d2.min(dim=1).values / self.ood_projection.shape[1]).sqrt()
 

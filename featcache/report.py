@@ -217,9 +217,9 @@ def save_reliability_png(
     ax.plot([0, 1], [0, 1], ls="--", color="0.5", lw=1, label="perfect calibration")
     ax.bar(edges[:-1][used], r.accuracy[used], width=1 / BINS, align="edge", color="#4c78a8", edgecolor="w",
            label="accuracy of the bin")  # fmt: skip
-    ax.plot(
-        r.confidence[used], r.accuracy[used], "o", color="#e45756", ms=4, label="mean confidence of the bin"
-    )
+    centers = (edges[:-1] + 0.5 / BINS)[used]
+    ax.plot(centers, r.confidence[used], "_", color="#e45756", ms=14, mew=2.5,
+            label="mean confidence of the bin (calibrated: at the top of its bar)")  # fmt: skip
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

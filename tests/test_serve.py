@@ -2,6 +2,7 @@
 and the page in a real headless browser."""
 
 import io
+import os
 import shutil
 
 import httpx
@@ -22,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    data = make_dataset(root / "data", per_class=8)
+    data = make_dataset(root / "data", per_class=20)  # enough images for an out-of-distribution threshold
     extract(data, root / "f.h5", backbone="efficientnet_lite0")
     return data, fit(root / "f.h5", model="logreg", cv=3, output=root / "m").model_path
 
@@ -153,7 +154,11 @@ def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path)
         return WebDriverWait(driver, seconds, ignored_exceptions=(StaleElementReferenceException,))
 
     image = make_image(tmp_path / "mystery.png", seed=1)
-    expected = Predictor.load(model[1]).predict(image)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(noise)
+    predictor = Predictor.load(model[1])
+    known, unknown = (next(predictor.predict_files([p])) for p in (image, noise))
+    expected = f"unknown (closest: {known.label}" if known.unknown else f"{known.label} "
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
         options.add_argument(arg)
@@ -172,9 +177,17 @@ def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path)
                 (e.text for e in d.find_elements(By.CSS_SELECTOR, ".result .label") if "%" in e.text), None
             )
         )
-        assert label.startswith(expected + " "), label
+        assert label.startswith(expected), label
         assert len(driver.find_elements(By.CSS_SELECTOR, ".result .bar")) == 3  # top 5 of 3 classes
         assert "efficientnet_lite0" in driver.find_element(By.ID, "card").text
+        assert unknown.unknown  # noise is none of the classes: the page says so
+        driver.find_element(By.ID, "files").send_keys(str(noise))
+        shown = wait(60).until(
+            lambda d: next((e.text for e in d.find_elements(By.CSS_SELECTOR, ".result .label.unknown")), None)
+        )
+        assert shown == f"unknown (closest: {unknown.label} {100 * unknown.probability:.0f} %)"
+        if os.environ.get("FEATCACHE_SCREENSHOT"):
+            driver.save_screenshot(os.environ["FEATCACHE_SCREENSHOT"])
     finally:
         driver.quit()
 

@@ -3,6 +3,7 @@ probabilities, the out-of-distribution score, calibration, and duplicate-aware f
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -196,3 +197,43 @@ def test_a_bundle_from_before_predicts_without_unknown(tmp_path):
     ev = evaluate(cache, tmp_path / "old.joblib")
     assert ev.coverage is None and ev.accuracy > 0.5
     assert bundle.card()["ood_threshold"] is None and json.dumps(bundle.card())
+
+
+def test_predict_flags_generated_images_of_another_kind(tmp_path):
+    # the model knows smooth colour fields with blocks (make_dataset); noise, checkerboards and flat
+    # colours are none of its classes, through the real backbone and the command line
+    from conftest import make_dataset
+    from PIL import Image
+
+    from featcache.extract import extract
+
+    data = make_dataset(tmp_path / "data", per_class=20)
+    held = make_dataset(tmp_path / "held", per_class=10, seed=7)
+    extract(data, tmp_path / "f.h5", backbone="efficientnet_lite0")
+    fit(tmp_path / "f.h5", model="logreg", cv=3, output=tmp_path / "m")
+    other = tmp_path / "other"
+    other.mkdir()
+    r = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:64]
+    for i in range(6):
+        Image.fromarray(r.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(other / f"noise{i}.png")
+        board = ((xx // (2 + i)) + (yy // (2 + i))) % 2 * 255
+        Image.fromarray(board.astype(np.uint8)).convert("RGB").save(other / f"board{i}.png")
+        Image.fromarray(np.full((48, 64, 3), r.integers(0, 256, 3), dtype=np.uint8)).save(
+            other / f"flat{i}.png"
+        )
+    runner = CliRunner()
+    shown = {}
+    for folder in (held, other):
+        run = runner.invoke(cli, ["predict", str(folder), "--model-path", str(tmp_path / "m"), "--json"])
+        assert run.exit_code == 0, run.output
+        shown[folder.name] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert all(isinstance(d["ood_score"], float) for d in shown["held"] + shown["other"])
+    assert np.mean([d["unknown"] for d in shown["held"]]) <= 0.15  # the threshold keeps about 95 %
+    assert all(d["unknown"] for d in shown["other"])
+    plain = runner.invoke(cli, ["predict", str(other / "noise0.png"), "--model-path", str(tmp_path / "m")])
+    assert re.fullmatch(r".*noise0.png\tunknown \(closest: (cat|dog|fox) \d+ %\)\n", plain.stdout)
+    # --min-confidence abstains on what the score alone keeps
+    run = runner.invoke(cli, ["predict", str(held), "--model-path", str(tmp_path / "m"), "--json",
+                              "--min-confidence", "1"])  # fmt: skip
+    assert all(json.loads(line)["unknown"] for line in run.stdout.splitlines())

@@ -85,7 +85,10 @@ def fit_notes(report: dict) -> list[str]:
             lines.append(f"  CV {metric} {grouped:.2f} % with them grouped, {split:.2f} % split across folds")
     cal = report.get("calibration")
     if cal:
-        if cal["scaled"]:
+        if cal["margins"]:
+            lines.append(f"calibration: ECE {cal['ece']:.3f} out of fold (margins made probabilities by "
+                         f"temperature scaling, beta {cal['temperature_beta']:.3g})")  # fmt: skip
+        elif cal["scaled"]:
             lines.append(f"calibration: ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f} out of fold "
                          f"(temperature scaling, beta {cal['temperature_beta']:.3g})")  # fmt: skip
         else:
