@@ -1,6 +1,6 @@
 """Results to trust on real data (issue 27), measured on data built for it from Fashion-MNIST.
 
-    python bench/trust.py [--workdir DIR] [--base 600]
+    python bench/trust.py [--workdir DIR] [--base 600] [--parts 1,2,3,4]
 
 1. Imbalance: Fashion-MNIST train with classes kept at 100/100/100/40/40/20/20/10/5/5 % of
    ``--base`` images, and a held-out test set with the same shares from t10k. ``fit --class-weight
@@ -10,10 +10,11 @@
    upscaled to 28×28 like Fashion-MNIST) against the imbalanced model; near, two classes
    (shirt, bag) held out of a model fit on the other eight. Kept: held-out in-distribution
    images not flagged; flagged: out-of-distribution images flagged unknown.
-3. Calibration: the out-of-fold ECE (15 bins) before and after temperature scaling, per fit.
+3. Calibration: the out-of-fold ECE (15 bins) of each family fit alone on the imbalanced data,
+   before and after temperature scaling.
 4. Planted near-duplicates: a balanced folder of 224×224 JPEGs where 30 % of the images get two
    copies each (re-encoded at quality 75, and resized to 200×200): CV with the copies kept in one
-   fold against split across folds (``--duplicates-only`` runs this part alone).
+   fold against split across folds. ``--parts 4`` runs this part alone.
 
 Features come from efficientnet_lite0 (the offline pretrained weights) on the OpenVINO engine.
 """
@@ -99,19 +100,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--base", type=int, default=600, help="images of the largest classes")
-    parser.add_argument("--duplicates-only", action="store_true", help="run part 4 alone")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 3 or 1,2")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="featcache-trust-"))
     opts = {"backbone": "efficientnet_lite0", "engine": "openvino"}
+    parts = {int(p) for p in args.parts.split(",")}
     with recorded():
         start = time.perf_counter()
-        if not args.duplicates_only:
-            imbalance_unknown_calibration(work, args.base, opts)
-        duplicates(work, opts)
+        if parts & {1, 2, 3}:
+            train, test = imbalanced_data(work, args.base, opts)
+        if 1 in parts:
+            imbalance(work)
+        if 2 in parts:
+            unknown_images(work, test)
+        if 3 in parts:
+            calibration(work)
+        if 4 in parts:
+            duplicates(work, opts)
         print(f"\n{time.perf_counter() - start:.0f} s in all; work folder {work}")
 
 
-def imbalance_unknown_calibration(work: Path, base: int, opts: dict) -> None:
+def imbalanced_data(work: Path, base: int, opts: dict) -> tuple[Path, Path]:
     train = imbalanced_folder(work / "imb-train", "train", base)
     test = imbalanced_folder(work / "imb-test", "t10k", base // 2, seed=1)
     for folder, cache in ((train, "train.h5"), (test, "test.h5")):
@@ -119,29 +128,31 @@ def imbalance_unknown_calibration(work: Path, base: int, opts: dict) -> None:
     counts = read_cache(work / "train.h5").class_counts()
     print(f"imbalanced Fashion-MNIST: {sum(counts.values())} training images, "
           f"{', '.join(f'{k} {v}' for k, v in counts.items())}")  # fmt: skip
-    print(f"held-out: {len(read_cache(work / 'test.h5'))} images from t10k, same shares\n")
-    print("1. imbalance (fit --model all --cv 5, scored on the held-out images)")
-    runs = {"before: --class-weight none --select-by accuracy": Selection("none", "accuracy"),
-            "after:  the defaults (auto, balanced_accuracy)": Selection()}  # fmt: skip
-    models = {}
-    for name, selection in runs.items():
-        out = work / ("before" if name.startswith("before") else "after")
-        report = fit(work / "train.h5", output=out, selection=selection).report
+    print(f"held-out: {len(read_cache(work / 'test.h5'))} images from t10k, same shares")
+    return train, test
+
+
+def imbalance(work: Path) -> None:
+    print("\n1. imbalance (fit --model all --cv 5, scored on the held-out images)")
+    runs = {"before: --class-weight none --select-by accuracy": ("before", Selection("none", "accuracy")),
+            "after:  the defaults (auto, balanced_accuracy)": ("after", Selection())}  # fmt: skip
+    for name, (folder, selection) in runs.items():
+        report = fit(work / "train.h5", output=work / folder, selection=selection).report
         best = report["families"][report["best"]]
-        ev = evaluate(work / "test.h5", out)
-        models[name] = (out, report)
+        ev = evaluate(work / "test.h5", work / folder)
         print(f"  {name}: chose {report['best']} {best['best_params']}")
         oof = (best["cv_accuracy_mean"], best["cv_balanced_accuracy_mean"], best["min_recall"])
-        print(
-            "    out of fold: accuracy {:.1f}, balanced {:.1f}, min recall {:.1f}".format(
-                *(100 * v for v in oof)
-            )
-        )
+        line = "    out of fold: accuracy {:.1f}, balanced {:.1f}, min recall {:.1f}"
+        print(line.format(*(100 * v for v in oof)))
         print(f"    held out:    {scores(ev)}; covered {100 * ev.coverage:.1f} % "
               f"(accuracy there {100 * ev.covered_accuracy:.1f})")  # fmt: skip
 
+
+def unknown_images(work: Path, test: Path) -> None:
     print("\n2. unknown images (threshold: 95th percentile of out-of-fold scores)")
     after = work / "after"
+    if not (after / "best.joblib").is_file():
+        fit(work / "train.h5", output=after)
     kept = 1 - flagged(after, test)
     far = flagged(after, digits_folder(work / "digits"))
     print(f"  far:  imbalanced model vs 500 handwritten digits: kept {100 * kept:.1f} % of held-out "
@@ -155,12 +166,17 @@ def imbalance_unknown_calibration(work: Path, base: int, opts: dict) -> None:
     print(f"  near: model of the other 8 classes: kept {100 * near_kept:.1f} % of held-out images of its "
           f"classes, flagged {100 * near:.1f} % of {' and '.join(NEAR_HELD_OUT)}")  # fmt: skip
 
-    print("\n3. calibration (out-of-fold ECE, 15 bins)")
-    for name, (_, report) in models.items():
+
+def calibration(work: Path) -> None:
+    print("\n3. calibration: out-of-fold ECE (15 bins) of each family, fit alone with the defaults")
+    for family in ("logreg", "linsvm", "softmax"):
+        report = fit(work / "train.h5", model=family, output=work / f"cal-{family}").report
         cal = report["calibration"]
-        how = f"temperature beta {cal['temperature_beta']:.3g}" if cal["scaled"] else "not scaled"
-        ece = f"ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f}"
-        print(f"  {name.split(':')[0]:6} {report['best']:8} {ece} ({how})")
+        how = (
+            f"temperature beta {cal['temperature_beta']:.3g}" if cal["scaled"] else "ECE <= 0.05: not scaled"
+        )
+        before = "softmax of its margins" if cal["margins"] else "its probabilities"
+        print(f"  {family:8} ECE {cal['ece_before']:.3f} ({before}) -> {cal['ece']:.3f} ({how})")
 
 
 def duplicates(work: Path, opts: dict) -> None:

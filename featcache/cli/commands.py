@@ -12,6 +12,7 @@ from featcache import choices
 from featcache.cli.app import cli
 from featcache.cli.options import (
     batch_size_option,
+    choice_option,
     device_option,
     engine_option,
     model_path_option,
@@ -359,13 +360,12 @@ def info(features: str, show_skipped: bool) -> None:
 
 @cli.command()
 @click.argument("features", default="features.h5")
-@click.option(
+@choice_option(
     "--model",
-    type=click.Choice(choices.MODELS),
-    default="all",
-    show_default=True,
-    help="Model family to cross-validate; 'all' compares them and keeps the best (with 'finetune' when "
+    choices.MODELS,
+    "Model family to cross-validate; 'all' compares them and keeps the best (with 'finetune' when "
     "the cache keeps feature maps: minutes, not seconds).",
+    default="all",
 )
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True, help="Stratified folds.")
 @click.option(
@@ -373,24 +373,21 @@ def info(features: str, show_skipped: bool) -> None:
     "--output",
     default="models",
     show_default=True,
-    help="Folder for best.joblib, its manifest, report.json and confusion_matrix.png.",
+    help="Folder for best.joblib, its manifest, report.json, confusion_matrix.png and oof.npz.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds and the models.")
-@click.option(
+@choice_option(
     "--class-weight",
-    type=click.Choice(choices.CLASS_WEIGHTS),
-    default="auto",
-    show_default=True,
-    help="balanced: each class weighs the same in the loss; auto: try none and balanced when the "
+    choices.CLASS_WEIGHTS,
+    "balanced: each class weighs the same in the loss; auto: try none and balanced when the "
     f"largest class has {choices.IMBALANCE}x the images of the smallest, else none.",
 )
-@click.option(
+@choice_option(
     "--select-by",
-    type=click.Choice(choices.SELECT_BY),
-    default=choices.SELECT_BY[0],
-    show_default=True,
-    help="Out-of-fold score that chooses settings and families (balanced accuracy is accuracy on "
+    choices.SELECT_BY,
+    "Out-of-fold score that chooses settings and families (balanced accuracy is accuracy on "
     "balanced classes, and sees a class the model ignores).",
+    default=choices.SELECT_BY[0],
 )
 @click.option(
     "--no-group-duplicates",

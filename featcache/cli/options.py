@@ -18,8 +18,13 @@ def batch_size_option(help_text: str):
     )
 
 
+def choice_option(flag: str, values: tuple[str, ...], help_text: str, default: str = "auto"):
+    """An option that takes one of ``values``, ``default`` when not given."""
+    return click.option(flag, type=click.Choice(values), default=default, show_default=True, help=help_text)
+
+
 def auto_option(flag: str, values: tuple[str, ...], help_text: str):
-    return click.option(flag, type=click.Choice(values), default="auto", show_default=True, help=help_text)
+    return choice_option(flag, values, help_text)
 
 
 def model_path_option(help_text: str):
