@@ -15,6 +15,7 @@
 4. Planted near-duplicates: a balanced folder of 224×224 JPEGs where 30 % of the images get two
    copies each (re-encoded at quality 75, and resized to 200×200): CV with the copies kept in one
    fold against split across folds. ``--parts 4`` runs this part alone.
+5. The cost of that near-duplicate search at 10k and 60k rows (``--parts 5``).
 
 Features come from efficientnet_lite0 (the offline pretrained weights) on the OpenVINO engine.
 """
@@ -117,6 +118,8 @@ def main() -> None:
             calibration(work)
         if 4 in parts:
             duplicates(work, opts)
+        if 5 in parts:
+            grouping_cost()
         print(f"\n{time.perf_counter() - start:.0f} s in all; work folder {work}")
 
 
@@ -175,6 +178,8 @@ def calibration(work: Path) -> None:
         how = (
             f"temperature beta {cal['temperature_beta']:.3g}" if cal["scaled"] else "ECE <= 0.05: not scaled"
         )
+        if not cal["scaled"] and cal.get("temperature_tried") is not None:
+            how = f"beta {cal['temperature_tried']:.3g} would not lower it: not scaled"
         before = "softmax of its margins" if cal["margins"] else "its probabilities"
         print(f"  {family:8} ECE {cal['ece_before']:.3f} ({before}) -> {cal['ece']:.3f} ({how})")
 
@@ -190,6 +195,18 @@ def duplicates(work: Path, opts: dict) -> None:
     if "without_grouping" in d:
         print(f"  CV balanced accuracy {100 * d['with_grouping']:.2f} % grouped, "
               f"{100 * d['without_grouping']:.2f} % with copies split across folds")  # fmt: skip
+
+
+def grouping_cost(dim: int = 1280) -> None:
+    """How the near-duplicate search that fit runs before CV grows with the rows (N² products)."""
+    from featcache.duplicates import near_duplicate_groups
+
+    print(f"\n5. cost of finding near-duplicates (chunked products, {dim}-d float32, synthetic rows)")
+    for n in (10_000, 60_000):
+        X = np.abs(np.random.default_rng(0).normal(size=(n, dim))).astype(np.float32)
+        start = time.perf_counter()
+        near_duplicate_groups(X)
+        print(f"  {n:6d} rows: {time.perf_counter() - start:6.1f} s")
 
 
 def without_classes(source: Path, target: Path, dropped: tuple[str, ...]) -> Path:

@@ -387,8 +387,13 @@ def _calibration(logits: np.ndarray, y_idx: np.ndarray, always: bool) -> tuple[f
     before = expected_calibration_error(calibrated(logits, 1.0), y_idx)
     beta = fit_temperature(logits, y_idx) if always or before > ECE_LIMIT else None
     after = before if beta is None else expected_calibration_error(calibrated(logits, beta), y_idx)
+    tried = beta
+    if beta is not None and not always and after >= before:
+        # one temperature minimises the log-loss; it cannot undo a class-weighted model's shifted
+        # priors, and then it may raise the ECE: keep the probabilities as they are
+        beta, after = None, before
     return beta, {"bins": BINS, "ece_before": before, "ece": after, "temperature_beta": beta,
-                  "scaled": beta is not None, "margins": always}  # fmt: skip
+                  "scaled": beta is not None, "margins": always, "temperature_tried": tried}  # fmt: skip
 
 
 def _duplicates_report(

@@ -51,6 +51,9 @@ def test_class_weights_change_the_chosen_model_on_imbalanced_classes(tmp_path):
         plain = fit(cache, model="logreg", cv=4, output=tmp_path / "a",
                     selection=Selection(class_weight="none", select_by="accuracy")).report  # fmt: skip
     weighted = fit(cache, model="logreg", cv=4, output=tmp_path / "b").report  # the defaults
+    for report in (plain, weighted):  # a temperature is kept only where it lowers the out-of-fold ECE
+        cal = report["calibration"]
+        assert cal["ece"] < cal["ece_before"] if cal["scaled"] else cal["ece"] == cal["ece_before"]
     assert plain["low_recall"] and plain["low_recall"][0]["folder"] == "c2"
     assert weighted["families"]["logreg"]["best_params"]["clf__class_weight"] == "balanced"
     assert "clf__class_weight" not in plain["families"]["logreg"]["best_params"]

@@ -91,6 +91,9 @@ def fit_notes(report: dict) -> list[str]:
         elif cal["scaled"]:
             lines.append(f"calibration: ECE {cal['ece_before']:.3f} -> {cal['ece']:.3f} out of fold "
                          f"(temperature scaling, beta {cal['temperature_beta']:.3g})")  # fmt: skip
+        elif cal.get("temperature_tried") is not None:
+            lines.append(f"calibration: ECE {cal['ece']:.3f} out of fold (temperature scaling would not "
+                         "lower it: not scaled)")  # fmt: skip
         else:
             lines.append(f"calibration: ECE {cal['ece']:.3f} out of fold (no scaling needed)")
     ood = report.get("outliers")
