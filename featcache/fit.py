@@ -19,6 +19,7 @@ from featcache.bundle import MODEL_FILE, save_bundle
 from featcache.cache import read_cache
 from featcache.calibration import calibrated
 from featcache.choices import CLASS_WEIGHTS, IMBALANCE, LAYOUT, MODELS, SELECT_BY
+from featcache.corrections import Corrections
 from featcache.duplicates import near_duplicate_groups
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.evaluate import Evaluation, evaluate  # noqa: F401 - where scripts found them before
@@ -118,6 +119,7 @@ def fit(
     selection: Selection | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    corrections: Corrections | None = None,
 ) -> FitResult:
     """Cross-validate ``model`` (a family or ``all``) on ``features``; save the best in ``output``.
 
@@ -133,7 +135,8 @@ def fit(
     (``finetune`` when it keeps feature maps); ``on_epoch(done, total)`` follows the epochs of
     the families that train in epochs. The model is saved only once it is complete: a fit
     stopped at any point leaves the previous model in ``output`` as it was, and another ``fit``
-    writing ``output`` meanwhile is an error naming it.
+    writing ``output`` meanwhile is an error naming it. ``corrections`` relabel or leave out
+    images of the cache (see :mod:`featcache.corrections`); the cache itself is not changed.
     """
     from sklearn.model_selection import ParameterGrid
 
@@ -147,6 +150,9 @@ def fit(
     selection.check()
     started = time.perf_counter()
     cache = read_cache(features)
+    corrected = None
+    if corrections:
+        cache, corrected = corrections.apply(cache)
     if model != "all" and (why := FAMILIES[model].unavailable(cache)):
         raise FeatcacheError(why)
     out = writable_folder(output)
@@ -204,6 +210,8 @@ def fit(
                   "n_classes": int(len(folders)), "families": results,
                   "refit_converged": not unconverged, **report,
                   "features": str(Path(features).resolve()), "engine": cache.engine}  # fmt: skip
+        if corrected is not None:
+            report["corrections"] = {**corrected, "files": list(corrections.sources)}
         bundle = family.to_bundle(final, cache, X, report)
         bundle.outlier = outlier
         family.prepare(bundle)

@@ -395,9 +395,23 @@ def info(features: str, show_skipped: bool) -> None:
     help="Let near-duplicate images (cosine >= 0.98) fall into different folds (by default they "
     "stay in one, so CV does not score memory).",
 )
+@click.option(
+    "--relabel",
+    default=None,
+    metavar="FILE",
+    help="CSV file path,given,suggested (what 'audit --write-relabel' writes): fit with each image in "
+    "its suggested class; an empty suggested leaves it out. The image folder is not touched.",
+)
+@click.option(
+    "--exclude",
+    default=None,
+    metavar="FILE",
+    help="Images to leave out: one path per line (as the cache names them), or a CSV file with a "
+    "path column.",
+)
 def fit(
     features: str, model: str, cv: int, output: str, seed: int, class_weight: str, select_by: str,
-    no_group_duplicates: bool,
+    no_group_duplicates: bool, relabel: str | None, exclude: str | None,
 ) -> None:  # fmt: skip
     """Cross-validate classifiers on a feature cache and save the best.
 
@@ -405,15 +419,17 @@ def fit(
     best out-of-fold --select-by score are refit on all labelled images and saved with their
     report, the out-of-fold probabilities (oof.npz) and an out-of-distribution threshold.
     """
+    from featcache.corrections import read_corrections
     from featcache.fit import Selection
     from featcache.fit import fit as run_fit
 
     selection = Selection(class_weight, select_by, not no_group_duplicates)
+    corrections = read_corrections(relabel, exclude)
     bar = EpochBar()
     try:
         result = run_fit(
             features, model=model, cv=cv, output=output, seed=seed, selection=selection,
-            on_progress=bar.message, on_epoch=bar.update,
+            on_progress=bar.message, on_epoch=bar.update, corrections=corrections,
         )  # fmt: skip
     finally:
         bar.close()

@@ -72,8 +72,13 @@ def echo_fit(result, per_class: bool = True) -> None:
 
 
 def fit_notes(report: dict) -> list[str]:
-    """The lines under the families table: near-duplicates, calibration, the unknown-image threshold."""
+    """The lines under the families table: corrections, near-duplicates, calibration, the
+    unknown-image threshold."""
     lines = []
+    fixed = report.get("corrections")
+    if fixed:
+        lines.append(f"corrections ({', '.join(fixed['files'])}): {fixed['relabelled']} images relabelled, "
+                     f"{fixed['excluded']} left out")  # fmt: skip
     dup = report.get("duplicates", {})
     if dup.get("groups"):
         lines.append(
@@ -129,3 +134,57 @@ def echo_prediction(p, as_json: bool = False, suffix: str = "") -> None:
             ranked = f"unknown (closest: {p.label} {100 * p.probability:.0f} %)"
         category = f"  [{p.category}]" if p.category and not p.unknown else ""
         click.echo(f"{printable(p.path)}\t{ranked}{category}{suffix}")
+
+
+def echo_audit(result, top: int = 10) -> None:
+    """The audit summary: counts per kind and per class, then the first ``top`` of each kind."""
+    click.echo(f"audit of {result.features}: {result.n_images} images, {len(result.classes)} classes "
+               f"({printable(result.data_root)})")  # fmt: skip
+    conflicts = [g for g in result.duplicates if g.conflict]
+    groups = [g for g in result.duplicates if not g.conflict]
+    counts = [
+        ("label conflicts", f"{len(conflicts)} groups ({sum(len(g.paths) for g in conflicts)} images)"),
+        ("label issues", str(len(result.label_issues))),
+        ("near-duplicates", f"{len(groups)} groups ({sum(len(g.paths) for g in groups)} images), "
+                            f"cosine >= {result.similarity}"),
+        ("leaks", f"{len(result.leaks)} of the {result.against_images} images of {result.against}"
+         if result.against else "- (--against OTHER.h5 to look for them)"),
+        ("outliers", str(len(result.outliers))),
+    ]  # fmt: skip
+    for kind, text in counts:
+        click.echo(f"  {kind:<16} {text}")
+    if result.probabilities:
+        click.echo(f"label issues from: {result.probabilities}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    table = result.per_class()
+    if table:
+        width = max(5, *(len(c) for c in table))
+        header = f"{'images':>6}  {'label issues':>12}  {'in duplicates':>13}  {'outliers':>8}"
+        click.echo(f"\n  {'class':<{width}}  {header}")
+        for folder, row in table.items():
+            click.echo(f"  {folder:<{width}}  {row['images']:>6}  {row['label_issues']:>12}  "
+                       f"{row['in_duplicates']:>13}  {row['outliers']:>8}")  # fmt: skip
+    sections = [
+        ("label conflicts", conflicts, _group_line),
+        ("label issues", result.label_issues,
+         lambda i: f"{printable(i.path)}: {i.given} -> {i.suggested} (p(given) {i.self_confidence:.3f})"),
+        ("near-duplicates", groups, _group_line),
+        ("leaks", result.leaks,
+         lambda k: f"{printable(k.path)} [{k.label}] ~ {printable(k.train_path)} [{k.train_label}], "
+                   f"similarity {k.similarity:.3f}{' (identical files)' if k.exact else ''}"),
+        ("outliers", result.outliers, lambda o: f"{printable(o.path)} [{o.label}]: distance {o.score:.3f}"),
+    ]  # fmt: skip
+    for title, found, line in sections:
+        if found:
+            click.echo(f"\n{title} ({'all ' if len(found) <= top else f'first {top} of '}{len(found)}):")
+            for finding in found[:top]:
+                click.echo(f"  {line(finding)}")
+
+
+def _group_line(group) -> str:
+    members = ", ".join(
+        f"{printable(p)} [{label}]" for p, label in zip(group.paths, group.labels, strict=True)
+    )
+    exact = " identical files" if group.exact else ""
+    return f"{len(group.paths)} images, similarity >= {group.similarity:.3f}{exact}: {members}"
