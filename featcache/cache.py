@@ -13,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -53,7 +54,8 @@ class FeatureCache:
     features are interchangeable. ``shards`` is how many shards a Dask cluster computed (0: one
     process). ``maps`` (float16, N×C×h×w) holds the unpooled maps of stage ``identity.maps`` when
     the cache keeps them and they were read (``read_cache(..., maps=True)``, or :meth:`labelled`
-    with ``maps`` from the file at ``path``, the file the cache was read from).
+    with ``maps`` from the file at ``path``, the file the cache was read from). ``changes`` says
+    what was changed in memory since it was read (e.g. labels corrected), and is not written.
     """
 
     features: np.ndarray
@@ -73,6 +75,7 @@ class FeatureCache:
     featcache_version: str = __version__
     maps: np.ndarray | None = field(default=None, repr=False)
     path: Path | None = None
+    changes: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)

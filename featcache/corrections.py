@@ -30,10 +30,11 @@ class Corrections:
     def __bool__(self) -> bool:
         return bool(self.relabel or self.exclude)
 
-    def apply(self, cache: FeatureCache) -> tuple[FeatureCache, dict[str, int]]:
-        """``cache`` with the corrections applied (excluded images become unlabelled, so no model
-        sees them) and how many rows each changed. An unknown class folder is an error; paths
-        that are not in the cache are a :class:`FeatcacheWarning`."""
+    def apply(self, cache: FeatureCache) -> FeatureCache:
+        """A copy of ``cache`` with the corrections applied (excluded images become unlabelled, so
+        no model sees them); its ``changes["corrections"]`` counts the rows each changed and names
+        the files. An unknown class folder is an error; paths that are not in the cache are a
+        :class:`FeatcacheWarning`."""
         unknown_classes = sorted(set(self.relabel.values()) - set(cache.folders))
         if unknown_classes:
             raise FeatcacheError(
@@ -60,8 +61,11 @@ class Corrections:
                 FeatcacheWarning,
                 stacklevel=2,
             )
-        changed = dataclasses.replace(cache, labels=np.asarray(labels))
-        return changed, {"relabelled": relabelled, "excluded": excluded, "not_in_cache": len(missing)}
+        counts = {"relabelled": relabelled, "excluded": excluded, "not_in_cache": len(missing),
+                  "files": list(self.sources)}  # fmt: skip
+        return dataclasses.replace(
+            cache, labels=np.asarray(labels), changes={**cache.changes, "corrections": counts}
+        )
 
 
 def read_corrections(

@@ -16,10 +16,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from featcache.bundle import MODEL_FILE, save_bundle
-from featcache.cache import read_cache
+from featcache.cache import FeatureCache, read_cache
 from featcache.calibration import calibrated
 from featcache.choices import CLASS_WEIGHTS, IMBALANCE, LAYOUT, MODELS, SELECT_BY
-from featcache.corrections import Corrections
 from featcache.duplicates import near_duplicate_groups
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.evaluate import Evaluation, evaluate  # noqa: F401 - where scripts found them before
@@ -111,7 +110,7 @@ class OutOfFold:
 
 
 def fit(
-    features: str | os.PathLike = "features.h5",
+    features: str | os.PathLike | FeatureCache = "features.h5",
     model: str = "all",
     cv: int = 5,
     output: str | os.PathLike = "models",
@@ -119,7 +118,6 @@ def fit(
     selection: Selection | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
-    corrections: Corrections | None = None,
 ) -> FitResult:
     """Cross-validate ``model`` (a family or ``all``) on ``features``; save the best in ``output``.
 
@@ -135,8 +133,9 @@ def fit(
     (``finetune`` when it keeps feature maps); ``on_epoch(done, total)`` follows the epochs of
     the families that train in epochs. The model is saved only once it is complete: a fit
     stopped at any point leaves the previous model in ``output`` as it was, and another ``fit``
-    writing ``output`` meanwhile is an error naming it. ``corrections`` relabel or leave out
-    images of the cache (see :mod:`featcache.corrections`); the cache itself is not changed.
+    writing ``output`` meanwhile is an error naming it. ``features`` is a cache file, or a
+    cache read into memory (e.g. with labels corrected by :mod:`featcache.corrections`, which
+    the report then records).
     """
     from sklearn.model_selection import ParameterGrid
 
@@ -149,10 +148,8 @@ def fit(
         raise FeatcacheError(f"cv must be an integer >= 2, got {cv!r}")
     selection.check()
     started = time.perf_counter()
-    cache = read_cache(features)
-    corrected = None
-    if corrections:
-        cache, corrected = corrections.apply(cache)
+    cache = features if isinstance(features, FeatureCache) else read_cache(features)
+    features = cache.path or "(a cache in memory)"
     if model != "all" and (why := FAMILIES[model].unavailable(cache)):
         raise FeatcacheError(why)
     out = writable_folder(output)
@@ -210,8 +207,7 @@ def fit(
                   "n_classes": int(len(folders)), "families": results,
                   "refit_converged": not unconverged, **report,
                   "features": str(Path(features).resolve()), "engine": cache.engine}  # fmt: skip
-        if corrected is not None:
-            report["corrections"] = {**corrected, "files": list(corrections.sources)}
+        report.update(cache.changes)
         bundle = family.to_bundle(final, cache, X, report)
         bundle.outlier = outlier
         family.prepare(bundle)

@@ -12,7 +12,7 @@ from conftest import IDENT, make_image
 from support import run_featcache
 
 from featcache.audit import audit, label_issues
-from featcache.cache import FeatureCache, write_cache
+from featcache.cache import FeatureCache, read_cache, write_cache
 from featcache.duplicates import near_duplicate_groups, similar_pairs
 from featcache.errors import FeatcacheError, FeatcacheWarning
 
@@ -204,13 +204,8 @@ def test_fit_honours_an_exclude_file_and_audit_uses_fits_out_of_fold_probabiliti
     fit(planted["train"], model="logreg", cv=3)
     assert "fit's out-of-fold" in audit(planted["train"]).probabilities
     (tmp_path / "drop.txt").write_text("\n".join(sorted(planted["wrong"])) + "\n")
-    fit(
-        planted["train"],
-        model="logreg",
-        cv=3,
-        output="clean",
-        corrections=read_corrections(exclude="drop.txt"),
-    )
+    corrected = read_corrections(exclude="drop.txt").apply(read_cache(planted["train"]))
+    fit(corrected, model="logreg", cv=3, output="clean")
     report = json.loads((tmp_path / "clean" / "report.json").read_text())
     assert report["corrections"]["excluded"] == 8 and report["n_images"] == len(planted["paths"]) + 6 - 8
     result = audit(planted["train"], model_path="clean")  # oof.npz there leaves out 8 rows: computed here
@@ -219,24 +214,18 @@ def test_fit_honours_an_exclude_file_and_audit_uses_fits_out_of_fold_probabiliti
 
 def test_corrections_say_what_is_wrong(planted, tmp_path):
     from featcache.corrections import read_corrections
-    from featcache.fit import fit
 
     (tmp_path / "bad.csv").write_text("path,given,suggested\ncat/0000.png,cat,zebra\n")
     with pytest.raises(FeatcacheError, match=r"class 'zebra' is not one of the cache's classes \(cat, dog"):
-        fit(
-            planted["train"],
-            model="logreg",
-            cv=3,
-            output=tmp_path / "m",
-            corrections=read_corrections(tmp_path / "bad.csv"),
-        )
+        read_corrections(tmp_path / "bad.csv").apply(read_cache(planted["train"]))
     (tmp_path / "noheader.csv").write_text("cat/0000.png,dog\n")
     with pytest.raises(FeatcacheError, match="header row naming the columns path and suggested"):
         read_corrections(tmp_path / "noheader.csv")
     (tmp_path / "gone.txt").write_text("cat/nope.png\n")
     with pytest.warns(FeatcacheWarning, match=r"1 path\(s\) of .*gone.txt are not in the cache"):
-        fit(planted["train"], model="logreg", cv=3, output=tmp_path / "m",
-            corrections=read_corrections(exclude=tmp_path / "gone.txt"))  # fmt: skip
+        corrected = read_corrections(exclude=tmp_path / "gone.txt").apply(read_cache(planted["train"]))
+    assert corrected.changes["corrections"]["not_in_cache"] == 1
+    assert np.array_equal(corrected.labels, read_cache(planted["train"]).labels)
 
 
 def test_bad_input_is_one_line_or_a_note(planted, tmp_path, rng):

@@ -419,17 +419,19 @@ def fit(
     best out-of-fold --select-by score are refit on all labelled images and saved with their
     report, the out-of-fold probabilities (oof.npz) and an out-of-distribution threshold.
     """
+    from featcache.cache import read_cache
     from featcache.corrections import read_corrections
     from featcache.fit import Selection
     from featcache.fit import fit as run_fit
 
     selection = Selection(class_weight, select_by, not no_group_duplicates)
     corrections = read_corrections(relabel, exclude)
+    data = corrections.apply(read_cache(features)) if corrections else features
     bar = EpochBar()
     try:
         result = run_fit(
-            features, model=model, cv=cv, output=output, seed=seed, selection=selection,
-            on_progress=bar.message, on_epoch=bar.update, corrections=corrections,
+            data, model=model, cv=cv, output=output, seed=seed, selection=selection,
+            on_progress=bar.message, on_epoch=bar.update,
         )  # fmt: skip
     finally:
         bar.close()
