@@ -27,7 +27,14 @@ import numpy as np
 
 from featcache.cache import FeatureCache, read_cache
 from featcache.difference import worded
-from featcache.duplicates import SIMILARITY, SimilarPairs, groups_of, similar_pairs
+from featcache.duplicates import (
+    SIMILARITY,
+    SimilarPairs,
+    groups_of,
+    principal_basis,
+    similar_pairs,
+    unit_rows,
+)
 from featcache.errors import FeatcacheError
 
 FOLDS = 5
@@ -185,6 +192,8 @@ def audit(
         raise FeatcacheError(f"similarity must be in (0, 1], got {similarity!r}")
     if not isinstance(outliers, int) or outliers < 0:
         raise FeatcacheError(f"outliers must be an integer >= 0, got {outliers!r}")
+    from sklearn.utils.extmath import row_norms
+
     progress = on_progress or (lambda message: None)
     cache = read_cache(features)
     other = None
@@ -207,7 +216,8 @@ def audit(
     kept = (None, "")
     if len(classes) >= 2:  # a model named explicitly is checked before the work starts
         kept = _kept_probabilities(cache, model_path)
-    X = cache.features.astype(np.float32)
+    X = np.asarray(cache.features, dtype=np.float32)
+    X /= np.maximum(row_norms(X), 1e-12)[:, None]  # in place: the raw rows are not used again
 
     progress("near-duplicates")
     pairs = similar_pairs(X, similarity=similarity)
@@ -383,19 +393,16 @@ def out_of_fold_probabilities(
     X: np.ndarray, y_idx: np.ndarray, folds: int = FOLDS, seed: int = 0, groups: np.ndarray | None = None
 ) -> np.ndarray:
     """Out-of-fold class probabilities (columns: classes 0..K-1) of a logistic regression on the
-    L2-normalised, PCA-reduced, standardised rows ``X``, with stratified folds that keep each
-    near-duplicate group whole."""
-    from sklearn.decomposition import PCA
+    L2-normalised rows ``X`` reduced to their 256 principal directions and standardised, with
+    stratified folds that keep each near-duplicate group whole."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from featcache.fit import _folds
 
-    U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    if U.shape[1] > 256 and len(U) > 256:
-        U = PCA(256, svd_solver="randomized", random_state=seed).fit_transform(U)
-    U = StandardScaler().fit_transform(U).astype(np.float32)
+    U = unit_rows(X)
+    U = StandardScaler(copy=False).fit_transform(U @ principal_basis(U, 256))
     proba = np.zeros((len(U), int(y_idx.max()) + 1), dtype=np.float32)
     for train, test in _folds(y_idx, groups, folds, seed):
         with warnings.catch_warnings():
@@ -408,7 +415,7 @@ def out_of_fold_probabilities(
 def _outliers(
     cache: FeatureCache, X: np.ndarray, given: np.ndarray, per_class: int, notes: list[str]
 ) -> list[Outlier]:
-    U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    U = unit_rows(X)
     found = []
     small = []
     for folder in sorted(set(given[cache.labels >= 0])):

@@ -49,7 +49,7 @@ def similar_pairs(
     other: np.ndarray | None = None,
     similarity: float = SIMILARITY,
     method: str = "auto",
-    max_block: int = 2**25,
+    max_block: int = 2**24,
 ) -> SimilarPairs:
     """The pairs of rows of ``X`` (or of a row of ``X`` and a row of ``other``) whose embeddings
     have cosine similarity >= ``similarity``. ``method``: ``blocks`` compares every pair, in
@@ -60,11 +60,11 @@ def similar_pairs(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0 < similarity <= 1:
         raise ValueError(f"similarity must be in (0, 1], got {similarity!r}")
-    U = _unit(X)
-    V = U if other is None else _unit(other)
+    U = unit_rows(X)
+    V = U if other is None else unit_rows(other)
     if U.shape[1] != V.shape[1]:
         raise ValueError(f"the embeddings differ in length: {U.shape[1]} and {V.shape[1]}")
-    basis = _basis(U if other is None else np.concatenate([U, V]))
+    basis = principal_basis(U)
     P = U @ basis
     Q = P if other is None else V @ basis
     radius = 2 * (1 - similarity) + 1e-4  # squared distance of unit vectors, with float32 slack
@@ -74,8 +74,8 @@ def similar_pairs(
     find = _candidates_faiss if method == "faiss" else _candidates_blocks
     i, j = find(P, Q, other is None, radius, max_block)
     sims = np.empty(len(i), dtype=np.float32)
-    for start in range(0, len(i), 65536):
-        part = slice(start, start + 65536)
+    for start in range(0, len(i), 8192):
+        part = slice(start, start + 8192)
         sims[part] = np.einsum("ij,ij->i", U[i[part]], V[j[part]])
     keep = sims >= similarity
     return SimilarPairs(i[keep], j[keep], sims[keep])
@@ -96,38 +96,50 @@ def near_duplicate_groups(X: np.ndarray, similarity: float = SIMILARITY, method:
     return groups_of(similar_pairs(X, similarity=similarity, method=method), len(X))
 
 
-def _unit(X: np.ndarray) -> np.ndarray:
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """The rows of ``X`` as float32 scaled to length 1 (``X`` itself when they already are)."""
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D array of embeddings, got shape {X.shape}")
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    from sklearn.utils.extmath import row_norms
+
+    norms = row_norms(X)[:, None]  # no N×D temporary
+    if np.allclose(norms, 1, atol=1e-5):
+        return X
+    return X / np.maximum(norms, 1e-12)
 
 
-def _basis(U: np.ndarray, sample: int = 20_000) -> np.ndarray:
-    """An orthonormal D×r basis of the principal directions of ``U`` (the identity when D <= r)."""
+def principal_basis(U: np.ndarray, components: int = COMPONENTS, sample: int = 20_000) -> np.ndarray:
+    """An orthonormal D×r basis of the ``components`` principal directions of the rows ``U`` (of
+    a seeded sample of ``sample`` rows; the identity when D <= r)."""
     d = U.shape[1]
-    if d <= COMPONENTS or len(U) <= COMPONENTS:
+    if d <= components or len(U) <= components:
         return np.eye(d, dtype=np.float32)
-    rows = U if len(U) <= sample else U[np.random.default_rng(0).choice(len(U), sample, replace=False)]
-    rows = rows.astype(np.float64)
+    pick = (
+        np.arange(len(U))
+        if len(U) <= sample
+        else np.sort(np.random.default_rng(0).choice(len(U), sample, False))
+    )
+    rows = U[pick]
     rows -= rows.mean(axis=0)
-    _, vectors = np.linalg.eigh(rows.T @ rows)
-    return np.ascontiguousarray(vectors[:, ::-1][:, :COMPONENTS], dtype=np.float32)
+    _, vectors = np.linalg.eigh((rows.T @ rows).astype(np.float64))
+    return np.ascontiguousarray(vectors[:, ::-1][:, :components], dtype=np.float32)
 
 
 def _candidates_blocks(
     P: np.ndarray, Q: np.ndarray, same: bool, radius: float, max_block: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs within squared distance ``radius`` in the reduced space, every pair compared."""
-    p_norms, q_norms = (P * P).sum(axis=1), (Q * Q).sum(axis=1)
+    # |p - q|² <= radius  <=>  p·q - |q|²/2 >= (|p|² - radius) / 2
+    p_bound, q_half = ((P * P).sum(axis=1) - radius) / 2, (Q * Q).sum(axis=1) / 2
     rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     step = max(1, max_block // max(len(Q), 1))
     for start in range(0, len(P), step):
         stop = min(start + step, len(P))
         first = start if same else 0  # pairs within one matrix: the upper triangle only
         products = P[start:stop] @ Q[first:].T
-        bound = (p_norms[start:stop, None] + q_norms[None, first:] - radius) / 2
-        i, j = np.nonzero(products >= bound)
+        products -= q_half[first:]
+        i, j = np.nonzero(products >= p_bound[start:stop, None])
         i, j = i + start, j + first
         keep = i < j if same else slice(None)
         rows.append(i[keep])
