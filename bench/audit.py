@@ -1,0 +1,238 @@
+"""How well ``featcache audit`` finds planted problems, and what it costs (issue 28).
+
+    python bench/audit.py [--workdir DIR] [--parts 1,2,3]
+
+1. Label errors: 6,000 Fashion-MNIST training images (600 per class, 28×28 PNGs), 5 % of them
+   (seeded) written into a wrong class folder. Extract (efficientnet_lite0, OpenVINO), ``fit
+   --model logreg``, ``audit``: precision and recall of the moved images among the first k label
+   issues, k = the number moved and 2k; with fit's out-of-fold probabilities and with those audit
+   computes itself (no model).
+2. Leaks and the threshold: a test folder of 2,000 clean t10k images, 20 byte-identical copies of
+   training images and 20 near copies (cropped by 5 %, resized by ±10 %, saved as JPEG quality
+   70). ``audit --against``: how many copies it finds, and how many clean test images it calls a
+   leak; the similarity of each planted copy to its original, and of each clean test image to its
+   most similar training image (what the default threshold must separate).
+3. Cost: one ``featcache audit --json`` run (a process of its own: wall time and peak memory) on
+   the features of 10,000 and of all 60,000 Fashion-MNIST training images, out-of-fold
+   probabilities computed (no model). ``--full CACHE`` takes an existing cache of the 60,000
+   (efficientnet_lite0) instead of extracting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fashion
+import numpy as np
+from harness import recorded
+from PIL import Image
+
+from featcache.audit import audit
+from featcache.cache import read_cache, write_cache
+from featcache.duplicates import SIMILARITY
+from featcache.extract import extract
+from featcache.fit import fit
+
+OPTS = {"backbone": "efficientnet_lite0", "engine": "openvino"}
+
+
+def noisy_folder(folder: Path, per_class: int = 600, share: float = 0.05, seed: int = 0) -> dict[str, str]:
+    """``per_class`` training images of each class, ``share`` of them in a wrong folder; returns
+    moved path -> true class."""
+    x, y = fashion.load("train")
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in range(10)])
+    moved = set(rng.choice(idx, round(share * len(idx)), replace=False).tolist())
+    truth = {}
+    for i in idx:
+        c = int(y[i])
+        if i in moved:
+            c = (c + 1 + int(rng.integers(0, 9))) % 10
+        path = f"{fashion.CLASSES[c]}/{i:05d}.png"
+        if i in moved:
+            truth[path] = fashion.CLASSES[y[i]]
+        if not (folder / path).is_file():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(folder / path)
+    return truth
+
+
+def label_errors(work: Path) -> tuple[Path, Path]:
+    folder = work / "noisy"
+    truth = noisy_folder(folder)
+    cache = work / "noisy.h5"
+    extract(folder, cache, **OPTS)
+    fit(cache, model="logreg", output=work / "noisy-model")
+    moved = len(truth)
+    print(f"1. label errors: {len(read_cache(cache))} images, {moved} moved into a wrong class folder")
+    print(
+        f"   {'probabilities':<40} {'issues':>6} {'P@k':>6} {'R@k':>6} {'P@2k':>6} {'R@2k':>6} {'seconds':>7}"
+    )
+    for name, model in (
+        ("fit's (logreg, oof.npz)", work / "noisy-model"),
+        ("computed by audit (no model)", None),
+    ):
+        start = time.perf_counter()
+        result = audit(cache, model_path=model)
+        seconds = time.perf_counter() - start
+        ranked = [issue.path for issue in result.label_issues]
+        cells = []
+        for k in (moved, 2 * moved):
+            hits = len(set(ranked[:k]) & set(truth))
+            cells += [hits / max(1, min(k, len(ranked))), hits / moved]
+        right = sum(issue.suggested == truth.get(issue.path) for issue in result.label_issues[:moved])
+        print(f"   {name:<40} {len(ranked):>6} " + " ".join(f"{c:6.3f}" for c in cells) + f" {seconds:7.1f}")
+        print(f"   {'':<40} suggested label right for {right} of the first {moved}")
+    return folder, cache
+
+
+def copy_of(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Cropped by 5 % (2.5 % each side), resized by ±10 %, for a JPEG at quality 70."""
+    w, h = img.size
+    dx, dy = round(0.025 * w), round(0.025 * h)
+    cropped = img.crop((dx, dy, w - dx, h - dy))
+    scale = 1 + (0.1 if rng.random() < 0.5 else -0.1)
+    return cropped.resize(
+        (round(cropped.width * scale), round(cropped.height * scale)), Image.Resampling.BICUBIC
+    )
+
+
+def leaks(work: Path, train_folder: Path, train_cache: Path) -> None:
+    x, y = fashion.load("t10k")
+    rng = np.random.default_rng(1)
+    folder = work / "test"
+    clean = rng.choice(len(y), 2000, replace=False)
+    for i in clean:
+        path = folder / fashion.CLASSES[y[i]] / f"t{i:05d}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(path)
+    train = read_cache(train_cache)
+    labelled = [p for p in train.paths if "/" in p]
+    picked = rng.choice(len(labelled), 40, replace=False)
+    planted = {}
+    for n, k in enumerate(picked):
+        source = train_folder / labelled[k]
+        kind = "exact" if n < 20 else "near"
+        target = folder / labelled[k].split("/")[0] / f"{kind}{n:02d}.{'png' if kind == 'exact' else 'jpg'}"
+        if kind == "exact":
+            target.write_bytes(source.read_bytes())
+        else:
+            copy_of(Image.open(source), rng).save(target, "JPEG", quality=70)
+        planted[str(target.relative_to(folder))] = labelled[k]
+    test_cache = work / "test.h5"
+    extract(folder, test_cache, **OPTS)
+    result = audit(train_cache, against=test_cache, outliers=0)
+    found = {leak.path: leak for leak in result.leaks}
+    exact = [p for p in planted if p.split("/")[1].startswith("exact")]
+    near = [p for p in planted if p.split("/")[1].startswith("near")]
+    false = [p for p in found if p not in planted]
+    print(f"\n2. leaks: {len(clean)} clean test images + {len(exact)} exact and {len(near)} near copies "
+          f"of training images; threshold {SIMILARITY}")  # fmt: skip
+    n_exact, n_near = sum(p in found for p in exact), sum(p in found for p in near)
+    mismatched = sum(found[p].train_path != planted[p] for p in planted if p in found)
+    print(f"   found: exact {n_exact}/{len(exact)}, near {n_near}/{len(near)}; matched to another training "
+          f"image: {mismatched}; clean test images called leaks: {len(false)} of {len(clean)}")  # fmt: skip
+    for p in false[:5]:
+        print(f"     {p} ~ {found[p].train_path} ({found[p].similarity:.3f})")
+    test = read_cache(test_cache)
+    U = _unit(train.features)
+    row = {p: i for i, p in enumerate(train.paths)}
+    copies = {p: float(_unit(test.features[test.paths.index(p)][None])[0] @ U[row[planted[p]]]) for p in near}
+    best = (
+        _unit(test.features[[test.paths.index(f"{fashion.CLASSES[y[i]]}/t{i:05d}.png") for i in clean]]) @ U.T
+    )
+    best = best.max(axis=1)
+    print(f"   similarity of the near copies to their original: min {min(copies.values()):.4f}, "
+          f"median {np.median(list(copies.values())):.4f}")  # fmt: skip
+    print(f"   clean test image to its most similar training image: median {np.median(best):.4f}, "
+          f"99th percentile {np.quantile(best, 0.99):.4f}, max {best.max():.4f}")  # fmt: skip
+    for t in (0.95, 0.96, 0.97, 0.98, 0.99):
+        print(f"     at {t}: near copies found {sum(s >= t for s in copies.values())}/{len(near)}, "
+              f"clean images above {int((best >= t).sum())}")  # fmt: skip
+    trainU = U[np.array([i for i, p in enumerate(train.paths)])]
+    same = []
+    for c in range(len(train.folders)):
+        rows = trainU[train.labels == c]
+        sims = rows @ rows.T
+        np.fill_diagonal(sims, -1)
+        same.append(sims.max(axis=1))
+    same = np.concatenate(same)
+    print("   training image to its most similar other training image of its class: "
+          f"median {np.median(same):.4f}, 99.9th percentile {np.quantile(same, 0.999):.4f}; "
+          f"{int((same >= SIMILARITY).sum())} at or above {SIMILARITY}")  # fmt: skip
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def subset(source: Path, target: Path, n: int) -> Path:
+    """The first ``n`` rows of each tenth of ``source`` (a class-balanced subset), as a cache."""
+    cache = read_cache(source)
+    keep = np.zeros(len(cache), bool)
+    for c in range(len(cache.folders)):
+        keep[np.flatnonzero(cache.labels == c)[: n // len(cache.folders)]] = True
+    rows = {"features": cache.features[keep], "labels": cache.labels[keep], "sizes": cache.sizes[keep],
+            "mtimes_ns": cache.mtimes_ns[keep]}  # fmt: skip
+    paths = [p for p, k in zip(cache.paths, keep, strict=True) if k]
+    write_cache(dataclasses.replace(cache, **rows, paths=paths, path=None), target)
+    return target
+
+
+def timed_audit(cache: Path, cwd: Path) -> tuple[float, float, list[str]]:
+    """Wall seconds and peak memory (MiB) of ``featcache audit CACHE --json`` in a process of its own."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "featcache", "audit", str(cache), "--json"], cwd=cwd,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    kinds = [json.loads(line)["kind"] for line in run.stdout.splitlines()]
+    return seconds, max(peak, before) / 1024, kinds
+
+
+def cost(work: Path, full: Path | None) -> None:
+    if full is None:
+        full = work / "fmnist60k.h5"
+        extract(fashion.write_folder(work / "fmnist60k", "train", None), full, **OPTS)
+    print("\n3. cost of one audit (a process of its own; out-of-fold probabilities computed, no model)")
+    print(f"   {'rows':>6} {'seconds':>8} {'peak MiB':>9}  findings")
+    for n in (10_000, 60_000):
+        cache = full if n == 60_000 else subset(full, work / f"fmnist{n // 1000}k.h5", n)
+        seconds, peak, kinds = timed_audit(cache, work)
+        summary = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+        print(f"   {len(read_cache(cache)):>6} {seconds:8.1f} {peak:9.0f}  {summary}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3 or 1,2")
+    parser.add_argument(
+        "--full", type=Path, default=None, help="a cache of all 60,000 training images (efficientnet_lite0)"
+    )
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="featcache-audit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    parts = {int(p) for p in args.parts.split(",")}
+    with recorded():
+        if parts & {1, 2}:
+            folder, cache = label_errors(work)
+            if 2 in parts:
+                leaks(work, folder, cache)
+        if 3 in parts:
+            cost(work, args.full)
+
+
+if __name__ == "__main__":
+    main()
