@@ -9,9 +9,11 @@
    computes itself (no model).
 2. Leaks and the threshold: a test folder of 2,000 clean t10k images, 20 byte-identical copies of
    training images and 20 near copies (cropped by 5 %, resized by ±10 %, saved as JPEG quality
-   70). ``audit --against``: how many copies it finds, and how many clean test images it calls a
-   leak; the similarity of each planted copy to its original, and of each clean test image to its
-   most similar training image (what the default threshold must separate).
+   70); a. on part 1's 28×28 PNGs, b. on 2,000 training and 2,000 test images upscaled to
+   224×224 JPEGs (the size of a photo's copy). ``audit --against``: how many copies it finds,
+   and how many clean test images it calls a leak; the similarity of each planted copy to its
+   original, and of each clean test image to its most similar training image (what the default
+   threshold must separate).
 3. Cost: one ``featcache audit --json`` run (a process of its own: wall time and peak memory) on
    the features of 10,000 and of all 60,000 Fashion-MNIST training images, out-of-fold
    probabilities computed (no model). ``--full CACHE`` takes an existing cache of the 60,000
@@ -105,38 +107,51 @@ def copy_of(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     )
 
 
-def leaks(work: Path, train_folder: Path, train_cache: Path) -> None:
-    x, y = fashion.load("t10k")
+def photo_folder(folder: Path, split: str, per_class: int, seed: int) -> Path:
+    """``per_class`` images of each class of ``split``, upscaled to 224×224 and saved as JPEG
+    quality 90 (photo-sized copies of a photo, not of a 28-pixel thumbnail)."""
+    x, y = fashion.load(split)
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(fashion.CLASSES):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in rng.choice(np.flatnonzero(y == c), per_class, replace=False):
+            path = folder / name / f"{split[0]}{i:05d}.jpg"
+            if not path.is_file():
+                img = Image.fromarray(x[i]).resize((224, 224), Image.Resampling.BICUBIC).convert("RGB")
+                img.save(path, "JPEG", quality=90)
+    return folder
+
+
+def leaks(title: str, train_folder: Path, train_cache: Path, test_folder: Path) -> None:
+    """Plant 20 exact and 20 near copies of training images into ``test_folder`` (its clean
+    images already there), extract it, and audit ``train_cache`` against it."""
     rng = np.random.default_rng(1)
-    folder = work / "test"
-    clean = rng.choice(len(y), 2000, replace=False)
-    for i in clean:
-        path = folder / fashion.CLASSES[y[i]] / f"t{i:05d}.png"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x[i]).save(path)
     train = read_cache(train_cache)
-    labelled = [p for p in train.paths if "/" in p]
-    picked = rng.choice(len(labelled), 40, replace=False)
+    clean = [
+        f for f in sorted(test_folder.rglob("*")) if f.is_file() and not f.stem.startswith(("exact", "near"))
+    ]
     planted = {}
-    for n, k in enumerate(picked):
-        source = train_folder / labelled[k]
-        kind = "exact" if n < 20 else "near"
-        target = folder / labelled[k].split("/")[0] / f"{kind}{n:02d}.{'png' if kind == 'exact' else 'jpg'}"
+    for n, k in enumerate(rng.choice(len(train), 40, replace=False)):
+        source, kind = train_folder / train.paths[k], "exact" if n < 20 else "near"
+        target = (
+            test_folder
+            / train.paths[k].split("/")[0]
+            / f"{kind}{n:02d}{source.suffix if kind == 'exact' else '.jpg'}"
+        )
         if kind == "exact":
             target.write_bytes(source.read_bytes())
         else:
-            copy_of(Image.open(source), rng).save(target, "JPEG", quality=70)
-        planted[str(target.relative_to(folder))] = labelled[k]
-    test_cache = work / "test.h5"
-    extract(folder, test_cache, **OPTS)
+            copy_of(Image.open(source).convert("RGB"), rng).save(target, "JPEG", quality=70)
+        planted[str(target.relative_to(test_folder))] = train.paths[k]
+    test_cache = test_folder.parent / f"{test_folder.name}.h5"
+    extract(test_folder, test_cache, **OPTS)
     result = audit(train_cache, against=test_cache, outliers=0)
     found = {leak.path: leak for leak in result.leaks}
     exact = [p for p in planted if p.split("/")[1].startswith("exact")]
     near = [p for p in planted if p.split("/")[1].startswith("near")]
     false = [p for p in found if p not in planted]
-    print(f"\n2. leaks: {len(clean)} clean test images + {len(exact)} exact and {len(near)} near copies "
-          f"of training images; threshold {SIMILARITY}")  # fmt: skip
+    print(f"\n2{title}: {len(clean)} clean test images + {len(exact)} exact and {len(near)} near copies "
+          f"of training images ({len(train)}); threshold {SIMILARITY}")  # fmt: skip
     n_exact, n_near = sum(p in found for p in exact), sum(p in found for p in near)
     mismatched = sum(found[p].train_path != planted[p] for p in planted if p in found)
     print(f"   found: exact {n_exact}/{len(exact)}, near {n_near}/{len(near)}; matched to another training "
@@ -144,24 +159,20 @@ def leaks(work: Path, train_folder: Path, train_cache: Path) -> None:
     for p in false[:5]:
         print(f"     {p} ~ {found[p].train_path} ({found[p].similarity:.3f})")
     test = read_cache(test_cache)
-    U = _unit(train.features)
-    row = {p: i for i, p in enumerate(train.paths)}
-    copies = {p: float(_unit(test.features[test.paths.index(p)][None])[0] @ U[row[planted[p]]]) for p in near}
-    best = (
-        _unit(test.features[[test.paths.index(f"{fashion.CLASSES[y[i]]}/t{i:05d}.png") for i in clean]]) @ U.T
-    )
-    best = best.max(axis=1)
-    print(f"   similarity of the near copies to their original: min {min(copies.values()):.4f}, "
-          f"median {np.median(list(copies.values())):.4f}")  # fmt: skip
+    U, T = _unit(train.features), _unit(test.features)
+    row, trow = {p: i for i, p in enumerate(train.paths)}, {p: i for i, p in enumerate(test.paths)}
+    copies = np.array([T[trow[p]] @ U[row[planted[p]]] for p in near])
+    best = (T[[trow[str(f.relative_to(test_folder))] for f in clean]] @ U.T).max(axis=1)
+    print(f"   similarity of the near copies to their original: min {copies.min():.4f}, "
+          f"median {np.median(copies):.4f}")  # fmt: skip
     print(f"   clean test image to its most similar training image: median {np.median(best):.4f}, "
           f"99th percentile {np.quantile(best, 0.99):.4f}, max {best.max():.4f}")  # fmt: skip
-    for t in (0.95, 0.96, 0.97, 0.98, 0.99):
-        print(f"     at {t}: near copies found {sum(s >= t for s in copies.values())}/{len(near)}, "
+    for t in (0.9, 0.95, 0.97, 0.98, 0.99):
+        print(f"     at {t}: near copies found {int((copies >= t).sum())}/{len(near)}, "
               f"clean images above {int((best >= t).sum())}")  # fmt: skip
-    trainU = U[np.array([i for i, p in enumerate(train.paths)])]
     same = []
     for c in range(len(train.folders)):
-        rows = trainU[train.labels == c]
+        rows = U[train.labels == c]
         sims = rows @ rows.T
         np.fill_diagonal(sims, -1)
         same.append(sims.max(axis=1))
@@ -169,6 +180,17 @@ def leaks(work: Path, train_folder: Path, train_cache: Path) -> None:
     print("   training image to its most similar other training image of its class: "
           f"median {np.median(same):.4f}, 99.9th percentile {np.quantile(same, 0.999):.4f}; "
           f"{int((same >= SIMILARITY).sum())} at or above {SIMILARITY}")  # fmt: skip
+
+
+def test_folder(folder: Path, n: int = 2000) -> Path:
+    """``n`` t10k images as 28×28 PNGs under their class folders."""
+    x, y = fashion.load("t10k")
+    for i in np.random.default_rng(1).choice(len(y), n, replace=False):
+        path = folder / fashion.CLASSES[y[i]] / f"t{i:05d}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(path)
+    return folder
 
 
 def _unit(X: np.ndarray) -> np.ndarray:
@@ -229,7 +251,15 @@ def main() -> None:
         if parts & {1, 2}:
             folder, cache = label_errors(work)
             if 2 in parts:
-                leaks(work, folder, cache)
+                leaks("a. 28×28 PNGs (the data of part 1)", folder, cache, test_folder(work / "test"))
+                photos = photo_folder(work / "photos", "train", 200, 0)
+                extract(photos, work / "photos.h5", **OPTS)
+                leaks(
+                    "b. 224×224 JPEGs",
+                    photos,
+                    work / "photos.h5",
+                    photo_folder(work / "photos-test", "t10k", 200, 1),
+                )
         if 3 in parts:
             cost(work, args.full)
 

@@ -83,7 +83,8 @@ def _card(finding: Finding, result: AuditResult, thumbs: _Thumbnails) -> str:
         images = thumbs.figure(root, finding.path)
         text = (
             f"<b>{_e(finding.given)}</b> &rarr; <b>{_e(finding.suggested)}</b><br>p(given) "
-            f"{finding.self_confidence:.3f}, p(suggested) {finding.suggested_probability:.3f}"
+            f"{finding.self_confidence:.3f}, p(suggested) {finding.suggested_probability:.3f}<br>"
+            + ("confident learning" if finding.confident else "another class is likelier")
         )
     elif isinstance(finding, DuplicateGroup):
         images = "".join(

@@ -150,12 +150,15 @@ def test_the_fast_search_equals_comparing_every_pair(rng):
     assert len(np.unique(groups)) == len(X) - len(copies)
 
 
-def test_confident_learning_flags_below_own_threshold_with_another_above():
-    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.25, 0.75], [0.2, 0.8], [0.1, 0.9], [0.6, 0.4]])
-    given = np.array(["a", "a", "a", "b", "b", "b"])
-    issues = label_issues(proba, given, ["a", "b"], [f"{i}" for i in range(6)])
-    # thresholds: a = mean(.9, .8, .25) = .65, b = mean(.8, .9, .4) = .7
-    assert [(i.path, i.suggested) for i in issues] == [("2", "b")]  # row 5: p(a) .6 < .65, not flagged
+def test_label_issues_are_confident_learning_flags_and_rows_where_another_class_is_likelier():
+    proba = np.array([[0.9, 0.1, 0], [0.8, 0.2, 0], [0.25, 0.75, 0], [0.2, 0.8, 0], [0.1, 0.9, 0],
+                      [0.6, 0.4, 0], [0.1, 0.3, 0.6], [0.1, 0.1, 0.8], [0.1, 0.45, 0.45]])  # fmt: skip
+    given = np.array(["a", "a", "a", "b", "b", "b", "c", "c", "c"])
+    issues = label_issues(proba, given, ["a", "b", "c"], [f"{i}" for i in range(len(given))])
+    # thresholds: a = mean(.9, .8, .25) = .65, b = mean(.8, .9, .4) = .7, c = mean(.6, .8, .45) = .617
+    # row 2: p(a) .25 < .65 and p(b) .75 >= .7: confident learning; row 5: p(a) .6 > p(b) .4 but
+    # .6 < .65: only the most probable class; row 8: b ties c, below neither rule
+    assert [(i.path, i.suggested, i.confident) for i in issues] == [("2", "b", True), ("5", "a", False)]
     assert issues[0].self_confidence == pytest.approx(0.25)
 
 
