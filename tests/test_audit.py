@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,19 @@ def test_the_page_renders_its_cards_in_a_real_browser(planted, tmp_path):
             driver.save_screenshot(os.environ["FEATCACHE_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+def test_the_commands_in_the_docs_run_as_printed(planted, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
+    block = text.split("## `featcache audit [FEATURES]`", 1)[1].split("```\n", 2)[1]
+    lines = [line for line in block.splitlines() if line.startswith("featcache audit")]
+    commands = [line.split("#")[0].strip() for line in lines]
+    assert len(commands) == 5
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(planted["train"], work / "features.h5")
+    shutil.copy(planted["test"], work / "test.h5")
+    for command in commands:
+        run = run_featcache(shlex.split(command)[1:], cwd=work)
+        assert run.returncode == 0, (command, run.stderr)
+    assert (work / "audit" / "index.html").is_file() and (work / "relabel.csv").is_file()

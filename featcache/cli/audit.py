@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import click
 
@@ -66,6 +67,11 @@ def audit(
     from featcache.audit import SIMILARITY, finding_dict
     from featcache.audit import audit as run_audit
     from featcache.audit import write_relabel as save_relabel
+    from featcache.files import writable_folder
+
+    for folder in (output, None if write_relabel is None else Path(write_relabel).parent):
+        if folder is not None:
+            writable_folder(folder)  # before the work, not after it
 
     def progress(message: str) -> None:
         if not quiet:
