@@ -1,6 +1,6 @@
 """How well ``featcache audit`` finds planted problems, and what it costs (issue 28).
 
-    python bench/audit.py [--workdir DIR] [--parts 1,2,3]
+    python bench/audit.py [--workdir DIR] [--parts 1,2,3,4] [--full CACHE]
 
 1. Label errors: 6,000 Fashion-MNIST training images (600 per class, 28×28 PNGs), 5 % of them
    (seeded) written into a wrong class folder. Extract (efficientnet_lite0, OpenVINO), ``fit
@@ -18,6 +18,8 @@
    the features of 10,000 and of all 60,000 Fashion-MNIST training images, out-of-fold
    probabilities computed (no model). ``--full CACHE`` takes an existing cache of the 60,000
    (efficientnet_lite0) instead of extracting it.
+4. Which change a near-duplicate survives (``--parts 4``): the similarity of 30 of part 2b's
+   training images to each change alone.
 """
 
 from __future__ import annotations
@@ -193,6 +195,49 @@ def test_folder(folder: Path, n: int = 2000) -> Path:
     return folder
 
 
+def each_change(work: Path) -> None:
+    """The similarity of 30 of part 2b's training images to each change alone."""
+    photos = photo_folder(work / "photos", "train", 200, 0)
+    extract(photos, work / "photos.h5", **OPTS)
+    train = read_cache(work / "photos.h5")
+    picked = np.random.default_rng(3).choice(len(train), 30, replace=False)
+
+    def crop(img: Image.Image, share: float, centred: bool = True) -> Image.Image:
+        w, h = img.size
+        dx, dy = round(share * w / (2 if centred else 1)), round(share * h / (2 if centred else 1))
+        return img.crop((dx, dy, w - dx, h - dy) if centred else (dx, dy, w, h))
+
+    changes = {
+        "JPEG quality 70": lambda im: im,
+        "resized -10 %": lambda im: im.resize((202, 202), Image.Resampling.BICUBIC),
+        "resized +10 %": lambda im: im.resize((246, 246), Image.Resampling.BICUBIC),
+        "cropped 2 % (centred)": lambda im: crop(im, 0.02),
+        "cropped 5 % (centred)": lambda im: crop(im, 0.05),
+        "cropped 5 % (one corner)": lambda im: crop(im, 0.05, centred=False),
+    }
+    folder = work / "changes"
+    for n, change in enumerate(changes.values()):
+        for k in picked:
+            target = folder / f"c{n}" / train.paths[k].split("/")[0] / Path(train.paths[k]).name
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                image = change(Image.open(Path(train.data_root) / train.paths[k]).convert("RGB"))
+                image.save(target, "JPEG", quality=70 if n == 0 else 95)
+    extract(folder, work / "changes.h5", **OPTS)
+    changed = read_cache(work / "changes.h5")
+    U, V = _unit(train.features), _unit(changed.features)
+    row = {p: i for i, p in enumerate(train.paths)}
+    print(
+        "\n4. each change alone, 30 of part 2b's 224×224 training images (other changes saved at quality 95)"
+    )
+    print(f"   {'change':<26} {'min':>6} {'median':>6}  found at {SIMILARITY}")
+    for n, name in enumerate(changes):
+        sims = np.array([V[i] @ U[row[p.split("/", 1)[1]]] for i, p in enumerate(changed.paths)
+                         if p.startswith(f"c{n}/")])  # fmt: skip
+        found = int((sims >= SIMILARITY).sum())
+        print(f"   {name:<26} {sims.min():6.3f} {np.median(sims):6.3f}  {found}/{len(sims)}")
+
+
 def _unit(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     return X / np.linalg.norm(X, axis=1, keepdims=True)
@@ -262,6 +307,8 @@ def main() -> None:
                 )
         if 3 in parts:
             cost(work, args.full)
+        if 4 in parts:
+            each_change(work)
 
 
 if __name__ == "__main__":
