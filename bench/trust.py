@@ -198,10 +198,12 @@ def duplicates(work: Path, opts: dict) -> None:
 
 
 def grouping_cost(dim: int = 1280) -> None:
-    """How the near-duplicate search that fit runs before CV grows with the rows (N² products)."""
+    """How the near-duplicate search that fit (and audit) runs grows with the rows: N² products in
+    128 principal directions, each candidate checked on the full rows."""
     from featcache.duplicates import near_duplicate_groups
 
-    print(f"\n5. cost of finding near-duplicates (chunked products, {dim}-d float32, synthetic rows)")
+    print(f"\n5. cost of finding near-duplicates (blocks of products in 128 principal directions, candidates "
+          f"checked in {dim}-d; float32 synthetic rows)")  # fmt: skip
     for n in (10_000, 60_000):
         X = np.abs(np.random.default_rng(0).normal(size=(n, dim))).astype(np.float32)
         start = time.perf_counter()
