@@ -82,6 +82,13 @@ def audit(
         similarity=SIMILARITY if similarity is None else similarity, outliers=outliers, seed=seed,
         on_progress=progress,
     )  # fmt: skip
+    files = path = None  # the files first: a closed pipe (| head) must not lose them
+    if output is not None:
+        from featcache.audit_page import write_audit
+
+        files = write_audit(result, output)
+    if write_relabel is not None:
+        path = save_relabel(result, write_relabel)
     if as_json:
         for finding in result.findings():
             click.echo(json.dumps(finding_dict(finding)))
@@ -89,13 +96,9 @@ def audit(
             click.echo(f"note: {note}", err=True)
     else:
         echo_audit(result)
-    if output is not None:
-        from featcache.audit_page import write_audit
-
-        files = write_audit(result, output)
+    if files is not None:
         click.echo(f"wrote {files.jsonl} and {files.html} (open it in a browser)", err=as_json)
-    if write_relabel is not None:
-        path = save_relabel(result, write_relabel)
+    if path is not None:
         click.echo(
             f"wrote {path} ({len(result.label_issues)} images): keep the rows you agree with, edit "
             "'suggested' (empty leaves an image out), then:",
