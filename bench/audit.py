@@ -44,6 +44,7 @@ from featcache.cache import read_cache, write_cache
 from featcache.duplicates import SIMILARITY
 from featcache.extract import extract
 from featcache.fit import fit
+from featcache.outliers import unit_rows
 
 OPTS = {"backbone": "efficientnet_lite0", "engine": "openvino"}
 
@@ -161,7 +162,7 @@ def leaks(title: str, train_folder: Path, train_cache: Path, test_folder: Path) 
     for p in false[:5]:
         print(f"     {p} ~ {found[p].train_path} ({found[p].similarity:.3f})")
     test = read_cache(test_cache)
-    U, T = _unit(train.features), _unit(test.features)
+    U, T = unit_rows(train.features), unit_rows(test.features)
     row, trow = {p: i for i, p in enumerate(train.paths)}, {p: i for i, p in enumerate(test.paths)}
     copies = np.array([T[trow[p]] @ U[row[planted[p]]] for p in near])
     best = (T[[trow[str(f.relative_to(test_folder))] for f in clean]] @ U.T).max(axis=1)
@@ -225,7 +226,7 @@ def each_change(work: Path) -> None:
                 image.save(target, "JPEG", quality=70 if n == 0 else 95)
     extract(folder, work / "changes.h5", **OPTS)
     changed = read_cache(work / "changes.h5")
-    U, V = _unit(train.features), _unit(changed.features)
+    U, V = unit_rows(train.features), unit_rows(changed.features)
     row = {p: i for i, p in enumerate(train.paths)}
     print(
         "\n4. each change alone, 30 of part 2b's 224×224 training images (other changes saved at quality 95)"
@@ -236,11 +237,6 @@ def each_change(work: Path) -> None:
                          if p.startswith(f"c{n}/")])  # fmt: skip
         found = int((sims >= SIMILARITY).sum())
         print(f"   {name:<26} {sims.min():6.3f} {np.median(sims):6.3f}  {found}/{len(sims)}")
-
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
 
 
 def subset(source: Path, target: Path, n: int) -> Path:

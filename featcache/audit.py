@@ -34,9 +34,9 @@ from featcache.duplicates import (
     groups_of,
     principal_basis,
     similar_pairs,
-    unit_rows,
 )
 from featcache.errors import FeatcacheError
+from featcache.outliers import row_lengths, unit_rows
 
 FOLDS = 5
 """Folds of the logistic regression whose out-of-fold probabilities rank label issues when no
@@ -195,8 +195,6 @@ def audit(
         raise FeatcacheError(f"similarity must be in (0, 1], got {similarity!r}")
     if not isinstance(outliers, int) or outliers < 0:
         raise FeatcacheError(f"outliers must be an integer >= 0, got {outliers!r}")
-    from sklearn.utils.extmath import row_norms
-
     progress = on_progress or (lambda message: None)
     cache = read_cache(features)
     other = None
@@ -220,7 +218,7 @@ def audit(
     if len(classes) >= 2:  # a model named explicitly is checked before the work starts
         kept = _kept_probabilities(cache, model_path)
     X = np.asarray(cache.features, dtype=np.float32)
-    X /= np.maximum(row_norms(X), 1e-12)[:, None]  # in place: the raw rows are not used again
+    X /= np.maximum(row_lengths(X), 1e-12)[:, None]  # in place: the raw rows are not used again
 
     progress("near-duplicates")
     pairs = similar_pairs(X, similarity=similarity)
@@ -364,24 +362,19 @@ def _kept_probabilities(
     from featcache.oof import OOF_FILE, load_oof
 
     explicit = model_path is not None
-    try:
-        path = resolve_model_path(model_path if explicit else "models")
-    except FeatcacheError:
-        if explicit:
-            raise
-        return None, "no model in models/"
+    path = resolve_model_path(model_path if explicit else "models")
     if not path.is_file():
         if explicit:
             raise FeatcacheError(f"{model_path}: no such model bundle")
         return None, "no model in models/"
     bundle = load_bundle(path)
     differences = cache.identity.differences(bundle.fit_identity)
-    if differences or sorted(bundle.folders) != sorted(set(cache.folders[k] for k in cache.labels if k >= 0)):
+    classes = sorted({cache.folders[k] for k in cache.labels if k >= 0})
+    if differences or sorted(bundle.folders) != classes:
         why = (
             f"{path} was fit on features extracted differently ({worded(differences)})"
             if differences
-            else f"{path} was fit on classes {', '.join(bundle.folders)}, the cache has "
-            f"{', '.join(sorted(set(cache.folders[k] for k in cache.labels if k >= 0)))}"
+            else f"{path} was fit on classes {', '.join(bundle.folders)}, the cache has {', '.join(classes)}"
         )
         if explicit:
             raise FeatcacheError(f"{why}: fit a model on this cache, or audit without --model-path")
@@ -426,9 +419,9 @@ def out_of_fold_probabilities(
 
 
 def _outliers(
-    cache: FeatureCache, X: np.ndarray, given: np.ndarray, per_class: int, notes: list[str]
+    cache: FeatureCache, U: np.ndarray, given: np.ndarray, per_class: int, notes: list[str]
 ) -> list[Outlier]:
-    U = unit_rows(X)
+    """The ``per_class`` images of each class farthest from the others (``U``: the rows, L2-normalised)."""
     found = []
     small = []
     for folder in sorted(set(given[cache.labels >= 0])):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featcache.outliers import unit_rows
+
 SIMILARITY = 0.98
 """Cosine similarity of L2-normalised embeddings from which two images count as near-duplicates.
 Chosen on ``bench/audit.py``'s planted copies (JPEG quality 70, resized by ±10 %, cropped by 5 %):
@@ -60,8 +62,8 @@ def similar_pairs(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not 0 < similarity <= 1:
         raise ValueError(f"similarity must be in (0, 1], got {similarity!r}")
-    U = unit_rows(X)
-    V = U if other is None else unit_rows(other)
+    U = _unit32(X)
+    V = U if other is None else _unit32(other)
     if U.shape[1] != V.shape[1]:
         raise ValueError(f"the embeddings differ in length: {U.shape[1]} and {V.shape[1]}")
     basis = principal_basis(U)
@@ -96,17 +98,11 @@ def near_duplicate_groups(X: np.ndarray, similarity: float = SIMILARITY, method:
     return groups_of(similar_pairs(X, similarity=similarity, method=method), len(X))
 
 
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """The rows of ``X`` as float32 scaled to length 1 (``X`` itself when they already are)."""
+def _unit32(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"expected a 2-D array of embeddings, got shape {X.shape}")
-    from sklearn.utils.extmath import row_norms
-
-    norms = row_norms(X)[:, None]  # no N×D temporary
-    if np.allclose(norms, 1, atol=1e-5):
-        return X
-    return X / np.maximum(norms, 1e-12)
+    return unit_rows(X)
 
 
 def principal_basis(U: np.ndarray, components: int = COMPONENTS, sample: int = 20_000) -> np.ndarray:

@@ -113,6 +113,12 @@ def fit_outlier_score(X: np.ndarray, y_idx: np.ndarray, components: int = COMPON
     return OutlierScore(mean, reduce @ whiten, class_means @ whiten)
 
 
+def row_lengths(X: np.ndarray) -> np.ndarray:
+    """The Euclidean length of each row of ``X`` (without an N×D temporary)."""
+    return np.sqrt(np.einsum("ij,ij->i", X, X))
+
+
 def unit_rows(X: np.ndarray) -> np.ndarray:
-    """The rows of ``X`` scaled to length 1 (a zero row stays zero)."""
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    """The rows of ``X`` scaled to length 1 (a zero row stays zero; ``X`` itself when they are)."""
+    lengths = row_lengths(X)[:, None]
+    return X if np.allclose(lengths, 1, atol=1e-5) else X / np.maximum(lengths, 1e-12)

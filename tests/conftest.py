@@ -1,4 +1,6 @@
+import contextlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -88,3 +90,31 @@ def synthetic_cache(path, separation=3.0, n_classes=4, per_class=30, dim=32, see
     )  # fmt: skip
     write_cache(cache, path)
     return path
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs a headless browser: apt-get install chromium chromium-driver (Debian)",
+)
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1200, height: int = 900):
+    """A Selenium driver of headless Chromium; on a clean exit it saves a screenshot to
+    $FEATCACHE_SCREENSHOT when that is set."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.add_argument(f"--window-size={width},{height}")
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        yield driver
+        if os.environ.get("FEATCACHE_SCREENSHOT"):
+            driver.save_screenshot(os.environ["FEATCACHE_SCREENSHOT"])
+    finally:
+        driver.quit()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IDENT, make_image
+from conftest import IDENT, headless_chromium, make_image, needs_browser
 from support import run_featcache
 
 from featcache.audit import audit, label_issues
@@ -278,29 +278,16 @@ def test_a_missing_image_is_a_note_on_its_card(planted, tmp_path):
     assert page.count("image missing or unreadable") == 1 and page.count("<div class='card ") > 6
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs a headless browser: apt-get install chromium chromium-driver (Debian)",
-)
+@needs_browser
 def test_the_page_renders_its_cards_in_a_real_browser(planted, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
 
     from featcache.audit_page import write_audit
 
     result = audit(planted["train"], against=planted["test"])
     files = write_audit(result, tmp_path / "report")
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1300,1000"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(60)
+    with headless_chromium(1300, 1000) as driver:
         driver.get(files.html.as_uri())
         cards = driver.find_elements(By.CSS_SELECTOR, ".card")
         assert len(cards) == len(list(result.findings()))
@@ -311,10 +298,6 @@ def test_the_page_renders_its_cards_in_a_real_browser(planted, tmp_path):
         )
         conflict = driver.find_element(By.CSS_SELECTOR, ".card.conflict")
         assert len(conflict.find_elements(By.CSS_SELECTOR, "figure")) == 2  # the whole group side by side
-        if os.environ.get("FEATCACHE_SCREENSHOT"):
-            driver.save_screenshot(os.environ["FEATCACHE_SCREENSHOT"])
-    finally:
-        driver.quit()
 
 
 def test_the_commands_in_the_docs_run_as_printed(planted, tmp_path):

@@ -2,13 +2,11 @@
 and the page in a real headless browser."""
 
 import io
-import os
-import shutil
 
 import httpx
 import numpy as np
 import pytest
-from conftest import make_dataset, make_image
+from conftest import headless_chromium, make_dataset, make_image, needs_browser
 from PIL import Image
 from support import serving
 
@@ -136,16 +134,9 @@ def test_a_server_without_a_token_and_a_model_that_is_not_one(model, tmp_path):
     assert run.returncode == 1 and run.stderr.strip().startswith("error: ")
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs a headless browser: apt-get install chromium chromium-driver (Debian)",
-)
+@needs_browser
 def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
+    pytest.importorskip("selenium.webdriver")
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -159,13 +150,7 @@ def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path)
     predictor = Predictor.load(model[1])
     known, unknown = (next(predictor.predict_files([p])) for p in (image, noise))
     expected = f"unknown (closest: {known.label}" if known.unknown else f"{known.label} "
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(60)
+    with headless_chromium(1200, 900) as driver:
         driver.get(server + "/")
         token = wait(30).until(lambda d: d.find_element(By.ID, "token").is_displayed()
                                                 and d.find_element(By.ID, "token"))  # fmt: skip
@@ -186,10 +171,6 @@ def test_the_page_classifies_an_image_in_a_real_browser(server, model, tmp_path)
             lambda d: next((e.text for e in d.find_elements(By.CSS_SELECTOR, ".result .label.unknown")), None)
         )
         assert shown == f"unknown (closest: {unknown.label} {100 * unknown.probability:.0f} %)"
-        if os.environ.get("FEATCACHE_SCREENSHOT"):
-            driver.save_screenshot(os.environ["FEATCACHE_SCREENSHOT"])
-    finally:
-        driver.quit()
 
 
 def test_a_port_in_use_is_one_error_line(model):
