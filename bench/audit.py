@@ -1,6 +1,6 @@
 """How well ``featcache audit`` finds planted problems, and what it costs (issue 28).
 
-    python bench/audit.py [--workdir DIR] [--parts 1,2,3,4] [--full CACHE]
+    python bench/audit.py [--workdir DIR] [--parts 1,2,3,4,5] [--full CACHE]
 
 1. Label errors: 6,000 Fashion-MNIST training images (600 per class, 28×28 PNGs), 5 % of them
    (seeded) written into a wrong class folder. Extract (efficientnet_lite0, OpenVINO), ``fit
@@ -20,6 +20,9 @@
    (efficientnet_lite0) instead of extracting it.
 4. Which change a near-duplicate survives (``--parts 4``): the similarity of 30 of part 2b's
    training images to each change alone.
+5. Imbalanced and noisy (``--parts 5``): bench/trust.py's imbalanced folder, 5 % of the labels
+   moved in the cache; label issues with the audit's logistic regression unweighted and
+   class-weighted (what it does on imbalanced classes).
 """
 
 from __future__ import annotations
@@ -239,6 +242,40 @@ def each_change(work: Path) -> None:
         print(f"   {name:<26} {sims.min():6.3f} {np.median(sims):6.3f}  {found}/{len(sims)}")
 
 
+def imbalanced_noise(work: Path) -> None:
+    """bench/trust.py's imbalanced Fashion-MNIST (classes at 5–100 % of 600) with 5 % of the
+    labels moved to another class in the cache: label issues with the audit's logistic
+    regression unweighted and class-weighted."""
+    from trust import imbalanced_folder
+
+    from featcache.audit import label_issues, out_of_fold_probabilities
+
+    cache = work / "imbalanced.h5"
+    extract(imbalanced_folder(work / "imb-train", "train", 600), cache, **OPTS)
+    data = read_cache(cache)
+    rng = np.random.default_rng(0)
+    moved = rng.choice(len(data), round(0.05 * len(data)), replace=False)
+    labels = data.labels.copy()
+    labels[moved] = (labels[moved] + 1 + rng.integers(0, 9, len(moved))) % 10
+    given = np.array(data.folders)[labels]
+    wrong = {data.paths[i] for i in moved}
+    counts = np.bincount(labels, minlength=10)
+    print(f"\n5. imbalanced: {len(data)} images ({counts.min()} to {counts.max()} per class), "
+          f"{len(moved)} labels moved to another class; the audit's own logistic regression")  # fmt: skip
+    header = f"{'weighting':<12} {'issues':>6} {'P@k':>6} {'R@2k':>6}"
+    print(f"   {header}  issues in the 2 smallest classes (their images)")
+    small = np.argsort(counts)[:2]
+    for balanced in (False, True):
+        proba = out_of_fold_probabilities(data.features, labels, balanced=balanced)
+        issues = label_issues(proba, given, data.folders, data.paths)
+        ranked = [issue.path for issue in issues]
+        k = len(moved)
+        in_small = sum(issue.given in {data.folders[c] for c in small} for issue in issues)
+        print(f"   {'balanced' if balanced else 'none':<12} {len(ranked):>6} "
+              f"{len(set(ranked[:k]) & wrong) / k:6.3f} {len(set(ranked[: 2 * k]) & wrong) / k:6.3f}  "
+              f"{in_small} ({counts[small].sum()})")  # fmt: skip
+
+
 def subset(source: Path, target: Path, n: int) -> Path:
     """The first ``n`` rows of each tenth of ``source`` (a class-balanced subset), as a cache."""
     cache = read_cache(source)
@@ -305,6 +342,8 @@ def main() -> None:
             cost(work, args.full)
         if 4 in parts:
             each_change(work)
+        if 5 in parts:
+            imbalanced_noise(work)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ its own, or when another class is simply more probable; flagged images are ranke
 self-confidence (the probability of the given label, lowest first). The probabilities are the
 out-of-fold ones ``fit`` keeps (``oof.npz`` beside the model) when they are for exactly this
 cache's labelled rows, else those of a strongly regularised logistic regression (C 0.003,
-chosen on ``bench/audit.py``'s planted errors) cross-validated here.
+chosen on ``bench/audit.py``'s planted errors; class-weighted on imbalanced classes)
+cross-validated here.
 
 Nothing here reads or writes the image folder except to hash the files of a duplicate group.
 """
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from featcache.cache import FeatureCache, read_cache
+from featcache.choices import IMBALANCE
 from featcache.difference import worded
 from featcache.duplicates import (
     SIMILARITY,
@@ -396,11 +398,18 @@ def _kept_probabilities(
 
 
 def out_of_fold_probabilities(
-    X: np.ndarray, y_idx: np.ndarray, folds: int = FOLDS, seed: int = 0, groups: np.ndarray | None = None
+    X: np.ndarray,
+    y_idx: np.ndarray,
+    folds: int = FOLDS,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    balanced: bool | None = None,
 ) -> np.ndarray:
     """Out-of-fold class probabilities (columns: classes 0..K-1) of a logistic regression on the
     L2-normalised rows ``X`` reduced to their 256 principal directions and standardised, with
-    stratified folds that keep each near-duplicate group whole."""
+    stratified folds that keep each near-duplicate group whole. ``balanced`` weighs each class
+    the same (None: when the largest class has 1.5× the images of the smallest, as ``fit``'s
+    ``auto``); unweighted, a small class's own images look doubtful and fill the issues."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -410,10 +419,16 @@ def out_of_fold_probabilities(
     U = unit_rows(X)
     U = StandardScaler(copy=False).fit_transform(U @ principal_basis(U, 256))
     proba = np.zeros((len(U), int(y_idx.max()) + 1), dtype=np.float32)
+    counts = np.bincount(y_idx)
+    if balanced is None:
+        balanced = bool(counts.max() >= IMBALANCE * counts[counts > 0].min())
+    weighting = "balanced" if balanced else None
     for train, test in _folds(y_idx, groups, folds, seed):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = LogisticRegression(C=0.003, max_iter=300).fit(U[train], y_idx[train])
+            model = LogisticRegression(C=0.003, max_iter=300, class_weight=weighting).fit(
+                U[train], y_idx[train]
+            )
         proba[np.ix_(test, model.classes_)] = model.predict_proba(U[test])
     return proba
 
