@@ -171,7 +171,7 @@ def echo_audit(result, top: int = 10) -> None:
          lambda i: f"{printable(i.path)}: {i.given} -> {i.suggested} (p(given) {i.self_confidence:.3f})"),
         ("near-duplicates", groups, _group_line),
         ("leaks", result.leaks,
-         lambda k: f"{printable(k.path)} [{k.label}] ~ {printable(k.train_path)} [{k.train_label}], "
+         lambda k: f"{_labelled(k.path, k.label)} ~ {_labelled(k.train_path, k.train_label)}, "
                    f"similarity {k.similarity:.3f}{' (identical files)' if k.exact else ''}"),
         ("outliers", result.outliers, lambda o: f"{printable(o.path)} [{o.label}]: distance {o.score:.3f}"),
     ]  # fmt: skip
@@ -183,8 +183,11 @@ def echo_audit(result, top: int = 10) -> None:
 
 
 def _group_line(group) -> str:
-    members = ", ".join(
-        f"{printable(p)} [{label}]" for p, label in zip(group.paths, group.labels, strict=True)
-    )
+    members = ", ".join(_labelled(p, label) for p, label in zip(group.paths, group.labels, strict=True))
     exact = " identical files" if group.exact else ""
     return f"{len(group.paths)} images, similarity >= {group.similarity:.3f}{exact}: {members}"
+
+
+def _labelled(path: str, label: str | None) -> str:
+    """A path with its class folder in brackets (none for an unlabelled image)."""
+    return printable(path) + ("" if label is None else f" [{label}]")
