@@ -4,8 +4,9 @@ Each task embeds its shard with an embedder built once per worker process, write
 ``<output>.shards/shard-<n>-<key>.h5`` (a feature cache of its own, written whole) and returns
 only counts. A shard's key hashes the backbone identity, the dtype and its files' paths, sizes
 and modification times, so a shard finished by a run that later failed is reused by the next
-one. The driver reads the shards back in order and writes one cache, exactly as one process
-would. Workers must see the data folder and the output folder at the same paths.
+one. The driver reads only the shards' listings: the shards are the segments of the cache it
+indexes (see :mod:`featcache.cache`), copied into one file only for a new cache that is not
+``virtual``. Workers must see the data folder and the output folder at the same paths.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from featcache._version import __version__
 from featcache.backbones.embedder import Embedder
 from featcache.backbones.identity import BackboneIdentity, digest
-from featcache.cache import read_cache, write_cache
+from featcache.cache import read_cache, segment_folder, write_cache
 from featcache.dataset import Dataset, ImageFile, LabelMap
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import FeatcacheError
@@ -43,8 +44,8 @@ class Shard:
 
 
 def shard_folder(output: Path) -> Path:
-    """Where the shards of ``output`` are kept while a run is unfinished: ``<output>.shards``."""
-    return output.with_name(output.name + ".shards")
+    """Where the shards of ``output`` are kept: ``<output>.shards``, its segment folder."""
+    return segment_folder(output)
 
 
 def plan(
@@ -117,10 +118,10 @@ def run(
     dtype: str,
     options: RunOptions,
     on_done: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, Row], dict[str, str], int, list[int]]:
-    """Embed ``shards`` on the cluster; return their rows and skipped files, read back in order,
-    how many rows were computed now (finished shards of an earlier run are reused), and each
-    shard's number of rows.
+) -> tuple[dict[str, tuple[Path, int, int, int]], dict[str, str], int]:
+    """Embed ``shards`` on the cluster; return where each of their rows is (shard file, row, file
+    size, mtime), their skipped files, and how many rows were computed now (finished shards of an
+    earlier run are reused). No features are read back.
 
     ``on_done(files, skipped)`` is called as each shard finishes.
     """
@@ -150,17 +151,17 @@ def run(
         computed += done["computed"]
         if on_done:
             on_done(len(shard.files), done["skipped"])
-    rows: dict[str, Row] = {}
+    placed: dict[str, tuple[Path, int, int, int]] = {}
     skipped: dict[str, str] = {}
-    counts = []
     for shard in shards:
-        cache = read_cache(shard.path, maps=True)
-        for i, path in enumerate(cache.paths):
-            maps = None if cache.maps is None else cache.maps[i]
-            rows[path] = Row(int(cache.sizes[i]), int(cache.mtimes_ns[i]), cache.features[i], maps)
+        cache = read_cache(shard.path)
+        where = shard.path.resolve()
+        for i, (path, size, mtime) in enumerate(
+            zip(cache.paths, cache.sizes.tolist(), cache.mtimes_ns.tolist(), strict=True)
+        ):
+            placed[path] = (where, i, size, mtime)
         skipped.update(cache.skipped)
-        counts.append(len(cache))
-    return rows, skipped, computed, counts
+    return placed, skipped, computed
 
 
 def embed_shard(spec: dict[str, Any]) -> dict[str, int]:

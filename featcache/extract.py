@@ -9,23 +9,38 @@ reusable by the next run.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from featcache.backbones.embedder import Embedder
 from featcache.backbones.identity import BackboneIdentity, digest
 from featcache.backbones.registry import get_entry
-from featcache.cache import FeatureCache, read_cache, write_cache
+from featcache.cache import (
+    FORMAT_VERSION,
+    FeatureCache,
+    Locations,
+    compact,
+    locations,
+    needs_compacting,
+    read_cache,
+    remove_unindexed,
+    segment_folder,
+    write_cache,
+    write_index,
+)
 from featcache.choices import DTYPES
 from featcache.dataset import Dataset, ImageFile, LabelMap, load_label_map, scan
 from featcache.difference import Difference, worded
-from featcache.distributed import shard_folder, workers_to_start
+from featcache.distributed import workers_to_start
 from featcache.embedding import Row, assemble, embed_files
 from featcache.errors import CacheMismatchError, FeatcacheError, Interrupted
 from featcache.files import locked, writable_file
@@ -59,6 +74,7 @@ class ExtractResult:
     shards: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def extract(
@@ -105,8 +121,6 @@ def extract(
         raise FeatcacheError("batch_size must be at least 1 and workers at least 0")
     if options.virtual and run.scheduler is None:
         raise FeatcacheError("virtual=True indexes the shards of a cluster run: give a scheduler too")
-    if options.virtual and spec.maps is not None:
-        raise FeatcacheError("virtual=True indexes features only: a cache with maps is written whole")
     if spec.backbone is not None:
         get_entry(spec.backbone)  # a mistyped backbone is told before the folder is read
     if run.scheduler is not None:
@@ -151,43 +165,54 @@ def _extract(
     if previous is not None:
         _check_same_settings(previous, identity, dtype, output)
 
-    reusable = _reusable_rows(previous, dataset) if previous is not None and not options.virtual else {}
+    reusable = _reusable_rows(previous, dataset) if previous is not None else {}
     if run.scheduler is None:
         computed, failed, n_computed = _in_this_process(
             net, dataset, output, reusable, options.overwrite, run, on_progress
         )
+        placed: dict[str, tuple[Path, int, int, int]] = {}
         shards = []
     else:
-        computed, failed, n_computed, shards = _on_cluster(
+        placed, failed, n_computed, shards = _on_cluster(
             net, dataset, output, reusable, dtype, run, on_progress
         )
+        computed = {}
 
     if label_map is None:
         label_map = previous.label_map if previous is not None else LabelMap()
     skipped = sorted([*dataset.unreadable, *failed.items()], key=lambda s: os.fsencode(s[0]))
-    cache = assemble(dataset, identity, dtype, label_map, reusable, computed, skipped)
-    engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
-    cache.engine = ", ".join(sorted(engines | ({net.engine} if computed else set())))
-    cache.shards = len(shards)
-    if len(cache) == 0:
+    kept = [f for f in dataset.files if f.relpath in computed or f.relpath in placed or f.relpath in reusable]
+    if not kept:
         _remove_work(output)
         raise FeatcacheError(
             f"no readable images under {data_dir}: {len(skipped)} file(s) skipped ({_first(skipped)})"
         )
-    n_removed = 0 if previous is None else len(set(previous.paths) - set(cache.paths))
-    written = previous is None or not previous.same_content(cache) or options.virtual
-    if options.virtual:
-        write_cache(cache, output, features_from=[(s.path, n) for s, n in shards if n])
-        _remove_work(output, keep=[s.path for s, _ in shards])
+    engines = set(filter(None, previous.engine.split(", "))) if previous is not None and reusable else set()
+    engine = ", ".join(sorted(engines | ({net.engine} if computed or placed else set())))
+    notes: list[str] = []
+    if previous is None and run.scheduler is None:
+        cache = assemble(dataset, identity, dtype, label_map, {}, computed, skipped)
+        cache.engine = engine
+        write_cache(cache, output)
+        written = True
     else:
+        listing = _listing(
+            dataset, kept, identity, dtype, label_map, skipped, previous, reusable, computed, placed
+        )
+        listing.engine, listing.shards = engine, len(shards)
+        written = previous is None or bool(computed or placed) or not previous.same_listing(listing)
         if written:
-            write_cache(cache, output)
-        _remove_work(output)
+            rows = _locations(output, dataset, kept, identity, dtype, reusable, computed, placed, notes)
+            write_index(listing, output, rows)
+            if (previous is None and not options.virtual) or needs_compacting(rows, rows.counts()):
+                compact(output)
+    _remove_work(output)
+    n_removed = 0 if previous is None else len(set(previous.paths) - {f.relpath for f in kept})
     return ExtractResult(
         output=output,
-        n_images=len(cache),
+        n_images=len(kept),
         n_computed=n_computed,
-        n_reused=len(cache) - n_computed,
+        n_reused=len(kept) - n_computed,
         n_removed=n_removed,
         written=written,
         identity=identity,
@@ -195,6 +220,7 @@ def _extract(
         shards=len(shards),
         skipped=skipped,
         seconds=time.monotonic() - start,
+        notes=notes,
     )
 
 
@@ -202,7 +228,7 @@ def _in_this_process(
     net: Embedder,
     dataset: Dataset,
     output: Path,
-    reusable: dict[str, Row],
+    reusable: dict[str, int],
     overwrite: bool,
     run: RunOptions,
     on_progress: Callable[[Progress], None] | None,
@@ -236,13 +262,14 @@ def _on_cluster(
     net: Embedder,
     dataset: Dataset,
     output: Path,
-    reusable: dict[str, Row],
+    reusable: dict[str, int],
     dtype: str,
     run: RunOptions,
     on_progress: Callable[[Progress], None] | None,
-) -> tuple[dict[str, Row], dict[str, str], int, list]:
-    """Embed what ``reusable`` lacks on a Dask cluster, in shards; return the rows, the files
-    skipped, how many rows were computed now, and the shards with their row counts."""
+) -> tuple[dict[str, tuple[Path, int, int, int]], dict[str, str], int, list]:
+    """Embed what ``reusable`` lacks on a Dask cluster, in shards; return where each new row is
+    (shard, row, file size, mtime), the files skipped, how many rows were computed now, and the
+    shards."""
     from featcache import distributed
 
     todo = [f for f in dataset.files if f.relpath not in reusable]
@@ -264,24 +291,22 @@ def _on_cluster(
         return {}, {}, 0, []
     try:
         with distributed.dask_client(run.scheduler) as client:
-            rows, skipped, computed, counts = distributed.run(
+            placed, skipped, computed = distributed.run(
                 client, dataset, shards, net.identity, dtype, run, shard_done
             )
     except KeyboardInterrupt:
         raise Interrupted("the finished shards are kept; run the same extract again to resume") from None
-    return rows, skipped, computed, list(zip(shards, counts, strict=True))
+    return placed, skipped, computed, shards
 
 
-def _remove_work(output: Path, keep: list[Path] | None = None) -> None:
-    """Delete what unfinished runs kept beside ``output``: partial batches, and the shards but
-    those in ``keep`` (the shards a virtual cache indexes)."""
+def _remove_work(output: Path) -> None:
+    """Delete what unfinished runs and earlier updates left beside ``output``: partial batches, and
+    the segments (shards) its index does not map."""
     shutil.rmtree(output.with_name(f".{output.name}.partial"), ignore_errors=True)
-    shards = shard_folder(output)
-    if not keep:
-        shutil.rmtree(shards, ignore_errors=True)
-    elif shards.is_dir():
-        for stale in set(shards.iterdir()) - set(keep):
-            stale.unlink(missing_ok=True)
+    if output.is_file():
+        remove_unindexed(output)
+    else:
+        shutil.rmtree(segment_folder(output), ignore_errors=True)
 
 
 def _previous_cache(output: Path) -> FeatureCache | None:
@@ -344,15 +369,118 @@ def _first(skipped: list[tuple[str, str]], n: int = 3) -> str:
     return "; ".join(f"{p}: {r}" for p, r in skipped[:n]) + ("; …" if len(skipped) > n else "")
 
 
-def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, Row]:
-    current = {f.relpath: f for f in dataset.files}
-    rows = {}
-    for i, path in enumerate(previous.paths):
-        f = current.get(path)
-        if f is not None and (f.size, f.mtime_ns) == (int(previous.sizes[i]), int(previous.mtimes_ns[i])):
-            maps = None if previous.maps is None else previous.maps[i]
-            rows[path] = Row(f.size, f.mtime_ns, previous.features[i].astype(np.float32), maps)
-    return rows
+def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, int]:
+    """The rows of ``previous`` (by path) whose files are unchanged: their row numbers there."""
+    current = {f.relpath: (f.size, f.mtime_ns) for f in dataset.files}
+    return {
+        path: i
+        for i, (path, size, mtime) in enumerate(zip(previous.paths, previous.sizes.tolist(),
+                                                    previous.mtimes_ns.tolist(), strict=True))
+        if current.get(path) == (size, mtime)
+    }  # fmt: skip
+
+
+def _listing(
+    dataset: Dataset,
+    kept: list[ImageFile],
+    identity: BackboneIdentity,
+    dtype: str,
+    label_map: LabelMap,
+    skipped: list[tuple[str, str]],
+    previous: FeatureCache | None,
+    reusable: dict[str, int],
+    computed: dict[str, Row],
+    placed: dict[str, tuple[Path, int, int, int]],
+) -> FeatureCache:
+    """The cache's listing (no rows) of the files ``kept``, wherever their rows are."""
+    signatures = []
+    for f in kept:
+        if f.relpath in computed:
+            row = computed[f.relpath]
+            signatures.append((row.size, row.mtime_ns))
+        elif f.relpath in placed:
+            signatures.append(placed[f.relpath][2:])
+        else:
+            i = reusable[f.relpath]
+            signatures.append((int(previous.sizes[i]), int(previous.mtimes_ns[i])))
+    sizes, mtimes = np.array(signatures, dtype=np.int64).reshape(-1, 2).T
+    return FeatureCache(
+        features=np.zeros((len(kept), 0), np.float32),
+        labels=np.array([f.label for f in kept], dtype=np.int32),
+        paths=[f.relpath for f in kept],
+        sizes=sizes,
+        mtimes_ns=mtimes,
+        folders=dataset.folders,
+        identity=identity,
+        label_map=label_map,
+        skipped=skipped,
+        data_root=str(dataset.root.resolve()),
+        dtype=dtype,
+    )
+
+
+def _locations(
+    output: Path,
+    dataset: Dataset,
+    kept: list[ImageFile],
+    identity: BackboneIdentity,
+    dtype: str,
+    reusable: dict[str, int],
+    computed: dict[str, Row],
+    placed: dict[str, tuple[Path, int, int, int]],
+    notes: list[str],
+) -> Locations:
+    """Where each row of ``kept`` is: reused rows stay where the cache at ``output`` keeps them (a
+    cache in one file becomes a segment by a hard link: nothing is copied), a cluster's rows stay in
+    its shards, and rows computed here are written to a new segment."""
+    folder = segment_folder(output)
+    folder.mkdir(exist_ok=True)
+    files: list[Path] = []
+    where: dict[str, tuple[int, int]] = {}
+    if reusable:
+        before = locations(output)
+        if before.files == [output]:
+            before = Locations([_as_segment(output, notes)], before.segment, before.offset)
+        files += before.files
+        where.update({p: (int(before.segment[i]), int(before.offset[i])) for p, i in reusable.items()})
+    for path, (shard, offset, _, _) in placed.items():
+        if shard not in files:
+            files.append(shard)
+        where[path] = (files.index(shard), offset)
+    if computed:
+        new = assemble(dataset, identity, dtype, LabelMap(), {}, computed, [])
+        key = digest(new.paths, new.sizes.tolist(), new.mtimes_ns.tolist(), length=16)
+        segment = folder / f"segment-{key}.h5"
+        write_cache(new, segment)
+        files.append(segment)
+        where.update({p: (len(files) - 1, i) for i, p in enumerate(new.paths)})
+    segment = np.array([where[f.relpath][0] for f in kept], dtype=np.int32)
+    offset = np.array([where[f.relpath][1] for f in kept], dtype=np.int64)
+    return Locations([f.resolve() for f in files], segment, offset)
+
+
+def _as_segment(output: Path, notes: list[str]) -> Path:
+    """Make the one-file cache at ``output`` (its rows inside) the first segment of its update: a
+    hard link (a copy where links are not allowed) in its segment folder, renamed into place."""
+    with h5py.File(output, "r") as f:
+        version = int(f.attrs["format_version"])
+    segment = segment_folder(output) / f"base-{uuid.uuid4().hex[:16]}.h5"
+    tmp = segment.with_name(f".{segment.name}.tmp-{os.getpid()}")
+    try:
+        os.link(output, tmp)
+    except OSError:
+        shutil.copyfile(output, tmp)
+    os.replace(tmp, segment)
+    shards, command = segment_folder(output).name, f"featcache compact {shlex.quote(str(output))}"
+    notes.append(
+        f"{output.name} was a cache of format {version} in one file: it is now an index of format "
+        f"{FORMAT_VERSION} over segments in {shards}/ beside it (nothing was copied; keep the folder with "
+        f"it; {command} copies the rows back into one file)"
+        if version < FORMAT_VERSION
+        else f"{output.name} now indexes its rows in segments in {shards}/ beside it (keep the folder "
+        f"with it; {command} copies them back into one file)"
+    )
+    return segment
 
 
 class _Partial:

@@ -51,7 +51,9 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
     """The network above a stage, fine-tuned on that stage's cached maps, with a new linear layer.
 
     ``X`` is an N×C×h×w array of the maps of stage ``identity["maps"]`` (as a cache made with
-    ``extract --maps`` keeps them). The later stages and the head convolution start from the
+    ``extract --maps`` keeps them), or those maps still on disk (a :class:`~featcache.cache.RowView`,
+    as :meth:`FeatureCache.labelled <featcache.cache.FeatureCache.labelled>` gives them), which
+    are then read a batch at a time. The later stages and the head convolution start from the
     pretrained weights recorded in ``identity`` (a :class:`~featcache.backbones.identity.
     BackboneIdentity` as ``to_dict()`` gives it); they are trained with a new linear layer on
     their average-pooled output, by AdamW on label-smoothed cross-entropy.
@@ -148,9 +150,11 @@ class FinetuneClassifier(ClassifierMixin, BaseEstimator):
             X, y = validate_data(self, X, y, dtype=np.float32)
             return X[:, :, None, None], y
         from featcache.backbones.registry import get_entry
+        from featcache.cache import RowView
 
         shape = get_entry(self.identity["backbone"]).maps_shape(self.identity["maps"])
-        X = np.asarray(X)
+        if not isinstance(X, RowView):  # maps on disk stay there: training reads a batch at a time
+            X = np.asarray(X)
         if X.ndim != 4 or X.shape[1:] != shape or X.dtype.kind != "f":
             raise ValueError(
                 f"X must be the N×{'×'.join(map(str, shape))} float maps of stage {self.identity['maps']}, "

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_dataset, make_image
 from support import start_featcache
 
-from featcache.cache import read_cache
+from featcache.cache import Rows, locations, read_cache
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
 
@@ -55,19 +55,29 @@ def test_maps_come_back_from_the_cluster_as_from_one_process(data, tmp_path):
     np.testing.assert_allclose(
         many.maps.astype(np.float32), single.maps.astype(np.float32), rtol=0, atol=1e-2
     )
-    with pytest.raises(FeatcacheError, match="virtual=True indexes features only"):
-        extract(data, tmp_path / "v.h5", maps=5, scheduler="local:2", virtual=True, **LITE)
+    index = extract(data, tmp_path / "v.h5", maps=5, scheduler="local:2", virtual=True, **LITE).output
+    virtual = read_cache(index)
+    assert virtual.features_virtual()  # the maps too are read from the shards
+    np.testing.assert_array_equal(np.asarray(virtual.maps), np.asarray(many.maps))
 
 
-def test_a_rerun_computes_only_what_changed(data, tmp_path):
+def test_a_rerun_computes_only_what_changed_and_appends_its_shards(data, tmp_path, monkeypatch):
     out = tmp_path / "features.h5"
     extract(data, out, scheduler="local:2", shard_size=4, **LITE)
+    assert not read_cache(out).features_virtual()  # a new cache: its shards copied into one file
     (data / "cat" / "000.jpg").unlink()
     make_image(data / "cat" / "001.jpg", 4242)  # changed
     os.utime(data / "cat" / "001.jpg", ns=(1, 1))
     make_image(data / "fox" / "new.jpg", 4343)  # added
-    again = extract(data, out, scheduler="local:2", shard_size=4, **LITE)
+
+    def refuse(self, *spans):
+        raise AssertionError("the driver read rows")
+
+    with monkeypatch.context() as m:
+        m.setattr(Rows, "_read", refuse)  # in this process, the driver: the workers are others
+        again = extract(data, out, scheduler="local:2", shard_size=4, **LITE)
     assert (again.n_computed, again.n_removed) == (2, 1)
+    assert {p.name.split("-")[0] for p in locations(out).files} == {"base", "shard"}  # appended, not copied
     fresh = read_cache(extract(data, tmp_path / "fresh.h5", **LITE).output)
     _same(read_cache(out), fresh)
 

@@ -29,7 +29,7 @@ def test_extract_rows_labels_attributes(dataset, tmp_path, lite0_backbone):
     assert cache.identity == lite0_backbone.identity
     assert cache.data_root == str(dataset.resolve())
     with h5py.File(out, "r") as f:
-        assert f.attrs["format_version"] == 1 and f.attrs["backbone"] == "efficientnet_lite0"
+        assert f.attrs["format_version"] == 2 and f.attrs["backbone"] == "efficientnet_lite0"
         assert f.attrs["weights_sha256"] == lite0_backbone.identity.weights_sha256
         assert json.loads(f.attrs["preprocessing"])["mean"] == [0.5, 0.5, 0.5]
         assert f.attrs["dtype"] == "float32" and f.attrs["featcache_version"]
@@ -54,6 +54,7 @@ def test_rerun_computes_nothing_and_follows_changes(dataset, tmp_path):
     out = tmp_path / "features.h5"
     extract(dataset, out, **LITE)
     before = read_cache(out)
+    np.asarray(before.features)  # read now: the file is replaced below
     stamp = os.stat(out).st_mtime_ns
     again = extract(dataset, out, **LITE)
     assert (again.n_computed, again.n_reused, again.written) == (0, 18, False)

@@ -18,7 +18,7 @@ from support import start_featcache
 from featcache.backbones.build import build_backbone
 from featcache.backbones.normalize import normalize
 from featcache.bundle import load_bundle, save_bundle
-from featcache.cache import read_cache
+from featcache.cache import Rows, RowView, read_cache
 from featcache.cli import main
 from featcache.errors import FeatcacheError
 from featcache.export import export
@@ -171,6 +171,29 @@ def test_fitting_is_seeded_and_reported_epoch_by_epoch(tuned):
     assert not np.array_equal(a.coef_, c.coef_)
     # the trained arrays moved away from the pretrained ones
     assert any(not np.array_equal(a.state_[k], c.state_[k]) for k in a.state_ if k.endswith("weight"))
+
+
+def test_maps_are_streamed_from_disk_and_train_as_in_memory(tuned, monkeypatch):
+    cache = read_cache(tuned[0])
+    X, y = cache.labelled(maps=True)
+    assert isinstance(X, RowView) and X.shape[0] == len(y)  # nothing read yet
+    in_memory = np.asarray(X)
+    reads = []
+    real = Rows.read
+
+    def counted(self, rows):
+        reads.append(len(rows))
+        return real(self, rows)
+
+    monkeypatch.setattr(Rows, "read", counted)
+    settings = {"epochs": 3, "batch_size": 8, "random_state": 1, "validation_fraction": 0.25}
+    streamed = FinetuneClassifier(cache.identity.to_dict(), **settings).fit(X, y)
+    assert reads and max(reads) <= 8 * 4  # batches, and the validation maps in blocks: never all 24
+    monkeypatch.undo()
+    loaded = FinetuneClassifier(cache.identity.to_dict(), **settings).fit(in_memory, y)
+    assert all(np.array_equal(streamed.state_[k], loaded.state_[k]) for k in loaded.state_)
+    np.testing.assert_array_equal(streamed.coef_, loaded.coef_)
+    np.testing.assert_array_equal(streamed.predict_proba(X), loaded.predict_proba(in_memory))
 
 
 def test_the_model_is_plain_arrays_that_load_with_the_allowlist(tuned):

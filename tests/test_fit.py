@@ -6,6 +6,7 @@ from conftest import IDENT, synthetic_cache
 
 from featcache.backbones import BackboneIdentity, Preprocessing
 from featcache.bundle import ModelBundle, load_bundle, manifest_path, save_bundle
+from featcache.cache import Rows
 from featcache.errors import FeatcacheError
 from featcache.fit import evaluate, fit
 
@@ -69,10 +70,15 @@ def test_replacing_a_bundle_keeps_one_loadable(tmp_path):
     assert "previous_sha256" not in json.loads(manifest_path(path).read_text())
 
 
-def test_model_refused_on_cache_of_other_backbone(fitted, tmp_path):
+def test_model_refused_on_cache_of_other_backbone(fitted, tmp_path, monkeypatch):
     _, _, result = fitted
     other = BackboneIdentity("mobilenet_v2", "IMAGENET1K_V1", "b" * 64, Preprocessing(), "avg", 32)
     cache = synthetic_cache(tmp_path / "other.h5", identity=other)
+
+    def refuse(self, *spans):
+        raise AssertionError("rows were read before the identity was checked")
+
+    monkeypatch.setattr(Rows, "_read", refuse)  # the check reads the cache's listing only
     with pytest.raises(
         FeatcacheError, match="extracted differently.*backbone: mobilenet_v2 vs efficientnet_lite0"
     ):

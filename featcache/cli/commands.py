@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -314,7 +315,7 @@ def choose(
 @click.option("--skipped", "show_skipped", is_flag=True, help="List every skipped file with its reason.")
 def info(features: str, show_skipped: bool) -> None:
     """Describe a feature cache: images, classes, backbone identity, skipped files, size."""
-    from featcache.cache import read_cache
+    from featcache.cache import read_cache, segment_folder
 
     cache = read_cache(features)
     summary = cache.summary()
@@ -344,6 +345,12 @@ def info(features: str, show_skipped: bool) -> None:
     click.echo(f"  created      {cache.created} by featcache {cache.featcache_version}")
     per_image = f", {summary.kib_per_image:.2f} KiB per image" if n else ""
     click.echo(f"  size         {summary.size_bytes / 1024 / 1024:.2f} MiB{per_image}")
+    if summary.segments:
+        click.echo(
+            f"  stored       in {summary.segments} segment(s) in {segment_folder(Path(features)).name}/, "
+            f"{100 * summary.unindexed_share:.1f} % of their rows no longer indexed "
+            f"(featcache compact {shlex.quote(features)} copies the rows into one file)"
+        )
     if cache.folders:
         click.echo("  classes:")
         for folder, count in cache.class_counts().items():
@@ -356,6 +363,30 @@ def info(features: str, show_skipped: bool) -> None:
         click.echo(f"    {printable(path)}: {reason}")
     if len(listing) < len(cache.skipped):
         click.echo(f"    ... and {len(cache.skipped) - len(listing)} more (--skipped lists all)")
+
+
+@cli.command()
+@click.argument("features", default="features.h5")
+def compact(features: str) -> None:
+    """Copy a cache's rows from its segments back into the one file, and delete the segments.
+
+    An incremental extract writes only the new rows, as a segment in FEATURES.shards/ beside the
+    cache; extract compacts by itself when a quarter of the segments' rows are no longer used.
+    """
+    from featcache.cache import compact as run_compact
+    from featcache.files import locked
+
+    with locked(features, "compact"):
+        done = run_compact(features)
+    mib = 1024 * 1024
+    if done.segments:
+        click.echo(
+            f"{features}: {done.n_images} images now in one file; {done.segments} segment(s) removed, "
+            f"{done.bytes_before / mib:.1f} MiB -> {done.bytes_after / mib:.1f} MiB"
+        )
+    else:
+        size = f"{done.bytes_after / mib:.1f} MiB"
+        click.echo(f"{features}: {done.n_images} images, already in one file ({size})")
 
 
 @cli.command()

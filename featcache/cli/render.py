@@ -39,6 +39,8 @@ def echo_extract(result) -> None:
         + ("" if result.written else " (unchanged)")
         + (f"; {result.shards} shard(s) on a Dask cluster" if result.shards else "")
     )
+    for note in result.notes:
+        click.echo(f"note: {note}")
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} file(s):", err=True)
         for path, reason in result.skipped[:20]:

@@ -61,7 +61,7 @@ def test_readers_see_the_old_or_the_new_cache_while_extract_updates_it(trained, 
     out = tmp_path / "features.h5"
     grown = tmp_path / "grown"
     shutil.copytree(data, grown)
-    old = read_cache(extract(grown, out, backbone="efficientnet_lite0", batch_size=4).output)
+    old = read_cache(extract(grown, out, backbone="efficientnet_lite0", batch_size=4).output).load()
     for i in range(16):
         make_image(grown / "a" / f"more{i:02d}.jpg", 7000 + i)
     new = read_cache(extract(grown, tmp_path / "reference.h5", backbone="efficientnet_lite0").output)

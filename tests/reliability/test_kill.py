@@ -12,7 +12,7 @@ from conftest import make_dataset, make_image, synthetic_cache
 from support import run_featcache, start_featcache
 
 from featcache.bundle import load_bundle
-from featcache.cache import read_cache, write_cache
+from featcache.cache import locations, read_cache
 from featcache.extract import extract
 from featcache.fit import fit
 
@@ -96,21 +96,51 @@ def test_kill_during_update_keeps_previous_cache(corpus, tmp_path):
     assert len(final) == 52 and final.skipped == survivor.skipped
 
 
-def test_kill_at_every_rename_of_an_update(tmp_path):
-    """Each of the update's renames (batch files, the cache) is a kill point: before it, and after."""
+def _snapshot(out, folder):
+    """Copy the cache ``out`` (the file and its segments) into ``folder``; return a function that
+    puts that copy back in place."""
+    shards = out.with_name(out.name + ".shards")
+    folder.mkdir()
+    shutil.copy2(out, folder / out.name)
+    if shards.is_dir():
+        shutil.copytree(shards, folder / shards.name)
+
+    def restore():
+        shutil.rmtree(shards, ignore_errors=True)
+        shutil.copy2(folder / out.name, out)
+        if (folder / shards.name).is_dir():
+            shutil.copytree(folder / shards.name, shards)
+
+    return restore
+
+
+@pytest.mark.parametrize("start", ["one-file", "segments"])
+def test_kill_at_every_rename_of_an_update(tmp_path, start):
+    """Each of the update's renames (batch files, the old file linked as a segment, the new segment,
+    the index) is a kill point, before it and after; for a cache already in segments, so is each
+    file deletion (the segments no longer indexed, the batch files). The cache always opens with the
+    old rows or the new ones, and the rerun completes it."""
     data = make_dataset(tmp_path / "data", classes=("a", "b"), per_class=3)
     out = tmp_path / "features.h5"
     extract(data, out, backbone="efficientnet_lite0", batch_size=4)
-    old = read_cache(out)
+    if start == "segments":
+        (data / "a" / "000.jpg").unlink()
+        make_image(data / "a" / "first.jpg", 800)
+        extract(data, out, backbone="efficientnet_lite0", batch_size=4)
+        assert read_cache(out).summary().segments == 2
+    old = read_cache(out).load()
+    restore = _snapshot(out, tmp_path / "snapshot")
     for i in range(6):
         make_image(data / "b" / f"new{i}.jpg", 900 + i)
+    (data / "b" / "001.jpg").unlink()
     reference = extract(data, tmp_path / "reference.h5", backbone="efficientnet_lite0", batch_size=4)
     expected = read_cache(reference.output)
     kills = 0
     for when in ("before", "after"):
-        for n in range(1, 20):
-            write_cache(old, out)
-            done = run_featcache(["extract", data, "-o", out, *ARGS], kill_at_replace=n, when=when)
+        for n in range(1, 40):
+            restore()
+            done = run_featcache(["extract", data, "-o", out, *ARGS], kill_at_replace=n, when=when,
+                                 unlinks_too=start == "segments")  # fmt: skip
             if done.returncode == 0:
                 break
             assert done.returncode == -signal.SIGKILL, done.stderr
@@ -119,9 +149,12 @@ def test_kill_at_every_rename_of_an_update(tmp_path):
             assert now.same_content(old) or now.same_content(expected)
             extract(data, out, backbone="efficientnet_lite0", batch_size=4)
             assert read_cache(out).same_content(expected)
-        assert n > 2  # the kills reached past the batch files
-    assert kills >= 6
+        assert n > 4  # the kills reached past the batch files
+    assert kills >= 10
     assert not list(tmp_path.glob(".features.h5.tmp-*"))
+    assert sorted(p.name for p in out.with_name("features.h5.shards").iterdir()) == sorted(
+        p.name for p in locations(out).files
+    )  # nothing left that the index does not use
 
 
 def test_kill_fit_while_it_writes_the_model(tmp_path):

@@ -226,15 +226,19 @@ _CHILD = r"""
 import os, signal, sys
 plan = __import__("json").loads(os.environ.pop("FEATCACHE_FAULTS"))
 if plan["kill_at_replace"]:
-    real_replace, count = os.replace, [0]
-    def replace(src, dst, *a, **kw):
-        count[0] += 1
-        if count[0] == plan["kill_at_replace"] and plan["when"] == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst, *a, **kw)
-        if count[0] == plan["kill_at_replace"] and plan["when"] == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-    os.replace = replace
+    count = [0]
+    def killing(real):
+        def step(*a, **kw):
+            count[0] += 1
+            if count[0] == plan["kill_at_replace"] and plan["when"] == "before":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(*a, **kw)
+            if count[0] == plan["kill_at_replace"] and plan["when"] == "after":
+                os.kill(os.getpid(), signal.SIGKILL)
+        return step
+    os.replace = killing(os.replace)
+    if plan["unlinks_too"]:
+        os.unlink = killing(os.unlink)
 if plan["vanish"]:
     import featcache.dataset, featcache.extract, featcache.predictor
     real_scan = featcache.dataset.scan
@@ -276,16 +280,19 @@ def start_featcache(
     when: str = "before",
     vanish: Sequence[str | os.PathLike] = (),
     honour_permissions: bool = False,
+    unlinks_too: bool = False,
     **popen,
 ) -> subprocess.Popen:
     """Start ``featcache ARGS`` in a child process, with the faults asked for.
 
     ``kill_at_replace=n`` makes the child SIGKILL itself just ``before`` or ``after`` its n-th
-    ``os.replace`` (every file featcache writes whole is renamed into place by one). ``vanish``
+    ``os.replace`` (every file featcache writes whole is renamed into place by one), or with
+    ``unlinks_too`` its n-th ``os.replace`` or ``os.unlink`` (file deletions). ``vanish``
     files are deleted right after the dataset folder is listed. ``honour_permissions`` makes a
     root child unable to read files it has no permission for. Other keywords go to Popen.
     """
-    plan = {"kill_at_replace": kill_at_replace, "when": when, "vanish": [os.fsdecode(p) for p in vanish]}
+    plan = {"kill_at_replace": kill_at_replace, "when": when, "vanish": [os.fsdecode(p) for p in vanish],
+            "unlinks_too": unlinks_too}  # fmt: skip
     env = {**popen.pop("env", os.environ), "FEATCACHE_FAULTS": json.dumps(plan)}
     cmd = [sys.executable, "-c", _CHILD, *(os.fsdecode(a) for a in args)]
     preexec = _drop_read_override if honour_permissions and os.geteuid() == 0 else None
@@ -299,11 +306,12 @@ def run_featcache(
     vanish: Sequence[str | os.PathLike] = (),
     honour_permissions: bool = False,
     timeout: float = 600,
+    unlinks_too: bool = False,
     **popen,
 ) -> subprocess.CompletedProcess:
     """Run ``featcache ARGS`` like :func:`start_featcache` and wait; output is captured as text."""
     proc = start_featcache(
-        args, kill_at_replace, when, vanish, honour_permissions,
+        args, kill_at_replace, when, vanish, honour_permissions, unlinks_too,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", **popen,
     )  # fmt: skip
     try:
