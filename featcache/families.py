@@ -12,9 +12,9 @@ FAMILIES: dict[str, Family] = {
     for f in (
         # lbfgs makes many small matrix products: one BLAS thread fits 2-3x faster (bench/fit.py)
         Family("logreg", "multinomial logistic regression", logreg,
-               {"clf__C": [0.003, 0.01, 0.03, 0.1, 0.3]}, blas_threads=1),
+               {"clf__C": [0.003, 0.01, 0.03, 0.1, 0.3]}, blas_threads=1, warm_start="clf__C"),
         Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", linsvm,
-               {"clf__C": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}, calibrate=True),
+               {"clf__C": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}, calibrate=True, warm_start="clf__C"),
         Family("softmax", "softmax head (SGD)", softmax, {"clf__weight_decay": [1e-4, 1e-3, 1e-2]}),
         FINETUNE,
     )

@@ -59,14 +59,17 @@ def _convergence_warnings() -> Iterator[list[warnings.WarningMessage]]:
 
 @dataclass(frozen=True)
 class Selection:
-    """How ``fit`` scores and chooses: which class weightings it tries (``class_weight``: ``auto``,
-    ``none`` or ``balanced``), the out-of-fold metric that chooses settings and families
-    (``select_by``: ``balanced_accuracy``, ``accuracy`` or ``macro_f1``), and whether near-duplicate
-    images are kept in one fold (``group_duplicates``)."""
+    """How ``fit`` cross-validates and chooses: which class weightings it tries (``class_weight``:
+    ``auto``, ``none`` or ``balanced``), the out-of-fold metric that chooses settings and families
+    (``select_by``: ``balanced_accuracy``, ``accuracy`` or ``macro_f1``), whether near-duplicate
+    images are kept in one fold (``group_duplicates``), and where the cross-validation fits run
+    (``scheduler``: None for this process, or ``local``, ``local:N``, ``tcp://HOST:PORT`` for a
+    Dask cluster; the result is the same)."""
 
     class_weight: str = "auto"
     select_by: str = SELECT_BY[0]
     group_duplicates: bool = True
+    scheduler: str | None = None
 
     def check(self) -> None:
         """A :class:`FeatcacheError` naming the first setting that is not allowed."""
@@ -76,6 +79,10 @@ class Selection:
                 raise FeatcacheError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not isinstance(self.group_duplicates, bool):
             raise FeatcacheError(f"group_duplicates must be True or False, got {self.group_duplicates!r}")
+        if self.scheduler is not None:
+            from featcache.distributed import workers_to_start
+
+            workers_to_start(self.scheduler)
 
     def weightings(self, counts: np.ndarray) -> tuple[str | None, ...]:
         """The class weightings to try on classes of ``counts`` images."""
@@ -92,12 +99,14 @@ METRICS = {"accuracy": "cv_accuracy_mean", "balanced_accuracy": "cv_balanced_acc
 @dataclass(frozen=True)
 class CVPlan:
     """What every family is cross-validated on: the folds, the seed of the models, the metric that
-    chooses a setting (a key of :data:`METRICS`) and the class weightings added to each grid."""
+    chooses a setting (a key of :data:`METRICS`), the class weightings added to each grid, and
+    the Dask cluster that runs the fits (None: this process)."""
 
     folds: list[tuple[np.ndarray, np.ndarray]]
     seed: int = 0
     select_by: str = SELECT_BY[0]
     weightings: tuple[str | None, ...] = (None,)
+    scheduler: str | None = None
 
 
 @dataclass
@@ -153,12 +162,16 @@ def fit(
     if model != "all" and (why := FAMILIES[model].unavailable(cache)):
         raise FeatcacheError(why)
     out = writable_folder(output)
-    with locked(out / MODEL_FILE, "fit"):  # another fit into this folder is refused
+    from featcache.crossval import cluster
+
+    # another fit into this folder is refused; the cluster (when asked for) starts once
+    with locked(out / MODEL_FILE, "fit"), cluster(selection.scheduler):
         pooled, y = cache.labelled()
         folders, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
         _check_classes(features, folders, counts, cv)
         groups = near_duplicate_groups(pooled) if selection.group_duplicates else None
-        plan = CVPlan(_folds(y, groups, cv, seed), seed, selection.select_by, selection.weightings(counts))
+        plan = CVPlan(_folds(y, groups, cv, seed), seed, selection.select_by, selection.weightings(counts),
+                      selection.scheduler)  # fmt: skip
         _check_folds(plan.folds, y_idx, folders, groups)
         names = [n for n in FAMILIES if not FAMILIES[n].unavailable(cache)] if model == "all" else [model]
         families = [FAMILIES[n] for n in names]
@@ -184,7 +197,7 @@ def fit(
         if groups is not None and len(np.unique(groups)) < len(y):
             if on_progress:
                 on_progress(f"{chosen}: cross-validating again without grouping near-duplicates")
-            plain = CVPlan(_folds(y, None, cv, seed), seed, selection.select_by, (None,))
+            plain = CVPlan(_folds(y, None, cv, seed), seed, selection.select_by, (None,), selection.scheduler)
             params = {k: [v] for k, v in results[chosen]["best_params"].items()}
             ungrouped = _cross_validate_grid(family, X, y, plain, params, fixed)[0]
         report["duplicates"] = _duplicates_report(groups, results[chosen], ungrouped, selection.select_by)
@@ -324,24 +337,26 @@ def _cross_validate_grid(
     family: Family, X: np.ndarray, y: np.ndarray, plan: CVPlan, grid: dict[str, list],
     fixed: dict[str, Any] | None = None, on_epoch: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[OutOfFold]]:  # fmt: skip
-    """Every setting of ``grid``'s scores on the plan's folds, and its out-of-fold results."""
-    from sklearn.model_selection import ParameterGrid, cross_validate
+    """Every setting of ``grid``'s scores on the plan's folds, and its out-of-fold results (see
+    :mod:`featcache.crossval`: warm-started chains, here or on the plan's Dask cluster)."""
+    from sklearn.model_selection import ParameterGrid
 
-    from featcache.models import class_logits
+    from featcache.crossval import Fits, cross_validate_settings
 
+    settings = list(ParameterGrid(grid))
+    fits = Fits(family.name, fixed or {}, plan.seed)
+    on_task = None
+    if plan.scheduler is not None and on_epoch:
+        advance = on_epoch["clf__on_epoch"]
+        on_task = lambda task: advance(family.epochs * len(task.settings))  # noqa: E731
+    all_logits, unconverged = cross_validate_settings(
+        fits, X, y, plan.folds, settings, None if plan.scheduler else on_epoch, plan.scheduler, on_task
+    )
     scored, results = [], []
     classes = np.unique(y)
-    for params in ParameterGrid(grid):
-        pipe = family.build(plan.seed).set_params(**params, **(fixed or {}))
-        with _convergence_warnings() as unconverged, threadpool_limits(family.blas_threads, "blas"):
-            cvr = cross_validate(pipe, X, y, cv=plan.folds, return_estimator=True, return_indices=True,
-                                 params=on_epoch or {})  # fmt: skip
-        logits = np.zeros((len(y), len(classes)))
-        for est, test in zip(cvr["estimator"], cvr["indices"]["test"], strict=True):
-            logits[test] = class_logits(est, X[test])
+    for params, logits, n in zip(settings, all_logits, unconverged, strict=True):
         pred = classes[logits.argmax(axis=1)]
-        scored.append({"params": params, **_scores(y, pred, plan.folds, classes),
-                       "not_converged": min(len(unconverged), len(plan.folds))})  # fmt: skip
+        scored.append({"params": params, **_scores(y, pred, plan.folds, classes), "not_converged": n})
         results.append(OutOfFold(logits, pred))
     return scored, results
 

@@ -216,15 +216,19 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
     tol : stop when the average relative change of the weights falls below this.
     class_weight : ``None`` or ``"balanced"``: each image's loss is weighted so that each class
         counts the same (see :data:`featcache.training.CLASS_WEIGHTS`), in every one-vs-rest problem.
+    warm_start : start from the weights of the previous fit (same classes and features), as
+        scikit-learn's ``warm_start``: along a path of growing ``C``, a fraction of the iterations.
     """
 
     def __init__(
-        self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-5, class_weight: str | None = None
-    ):
+        self, C: float = 1.0, max_iter: int = 200, tol: float = 1e-5, class_weight: str | None = None,
+        warm_start: bool = False,
+    ):  # fmt: skip
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.class_weight = class_weight
+        self.warm_start = warm_start
 
     def fit(self, X: Any, y: Any) -> LinearSVM:
         """Train on features ``X`` (n_samples × n_features) and labels ``y``."""
@@ -235,8 +239,12 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             ("max_iter", isinstance(self.max_iter, int) and self.max_iter >= 1, "an integer >= 1"),
             ("tol", isinstance(self.tol, int | float) and self.tol > 0, "a number > 0"),
             ("class_weight", valid_class_weight(self.class_weight), f"one of {CLASS_WEIGHTS} or a dict"),
+            ("warm_start", isinstance(self.warm_start, bool), "True or False"),
         ]
         check_params(self, checks)
+        previous = None
+        if self.warm_start and hasattr(self, "coef_"):
+            previous = (self.classes_, self.coef_, self.intercept_)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         y_idx = encode_classes(self, y)
@@ -250,25 +258,46 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
 
         # theta = [W (d x k, raveled), b (k)]; the products run in the dtype of X (float32
         # features: about 3x faster than float64), the sums in float64
-        def scores(theta: np.ndarray) -> np.ndarray:
-            return X @ theta[: d * k].reshape(d, k).astype(X.dtype) + theta[d * k :].astype(X.dtype)
+        def scores(theta: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
+            return X[rows] @ theta[: d * k].reshape(d, k).astype(X.dtype) + theta[d * k :].astype(X.dtype)
 
-        def pack(W: np.ndarray, per_sample: np.ndarray) -> np.ndarray:
-            grad_w = W + (X.T @ per_sample).astype(np.float64)
+        def pack(W: np.ndarray, per_sample: np.ndarray, X_rows: np.ndarray = X) -> np.ndarray:
+            grad_w = W + (X_rows.T @ per_sample).astype(np.float64)
             return np.concatenate([grad_w.ravel(), per_sample.sum(axis=0, dtype=np.float64)])
+
+        # the Hessian at theta involves only the images inside some class's margin (about half of
+        # them near the optimum): they are copied once per Newton step, for all its CG products
+        at: dict[str, Any] = {"theta": None}
+
+        def margins(theta: np.ndarray) -> np.ndarray:
+            if at["theta"] is None or not np.array_equal(at["theta"], theta):
+                at.update(theta=theta.copy(), margin=signs * scores(theta), rows=None)
+            return at["margin"]
 
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             W = theta[: d * k].reshape(d, k)
-            slack = np.maximum(0, 1 - signs * scores(theta))
+            slack = np.maximum(0, 1 - margins(theta))
             loss = 0.5 * float(np.vdot(W, W)) + float(np.vdot(costs * slack, slack))
             return loss, pack(W, -2 * costs * slack * signs)
 
         def hessian_times(theta: np.ndarray, v: np.ndarray) -> np.ndarray:
-            active = (signs * scores(theta) < 1).astype(X.dtype)
-            return pack(v[: d * k].reshape(d, k), 2 * costs * active * scores(v))
+            margin = margins(theta)
+            if at["rows"] is None:
+                active = margin < 1
+                rows = np.flatnonzero(active.any(axis=1))
+                row_costs = costs if np.isscalar(costs) else costs[rows]
+                at.update(rows=rows, X=X[rows], curvature=(2 * row_costs * active[rows]).astype(X.dtype))
+            Xa = at["X"]
+            per_sample = at["curvature"] * (Xa @ v[: d * k].reshape(d, k).astype(X.dtype)
+                                            + v[d * k :].astype(X.dtype))  # fmt: skip
+            return pack(v[: d * k].reshape(d, k), per_sample, Xa)
 
+        start = np.zeros(d * k + k)
+        same = previous is not None and np.array_equal(previous[0], self.classes_)
+        if same and previous[1].shape == (k, d):
+            start = np.concatenate([previous[1].T.ravel(), previous[2]])
         result = minimize(
-            loss_and_grad, np.zeros(d * k + k), jac=True, hessp=hessian_times, method="Newton-CG",
+            loss_and_grad, start, jac=True, hessp=hessian_times, method="Newton-CG",
             options={"maxiter": self.max_iter, "xtol": self.tol},
         )  # fmt: skip
         self.n_iter_ = int(result.nit)
@@ -361,7 +390,9 @@ class Family:
     fits (None: the library's default). ``epochs`` is how many epochs one fit reports through
     the ``clf__on_epoch`` fit parameter (0: the family reports none). ``scores_outliers``: its
     model is saved with an out-of-distribution score on the cache's pooled features (what it
-    predicts from; not so for a family whose network changes them).
+    predicts from; not so for a family whose network changes them). ``warm_start`` names the grid
+    parameter along which a fold's fits start from the previous solution (ascending; the
+    classifier takes ``warm_start=True``), None when they all start from scratch.
 
     This base class fits the pooled features of a cache; a family that takes something else
     overrides :meth:`unavailable`, :meth:`inputs`, :meth:`to_bundle` and :meth:`prepare`.
@@ -375,6 +406,7 @@ class Family:
     blas_threads: int | None = None
     epochs: int = 0
     scores_outliers: bool = True
+    warm_start: str | None = None
 
     def build_final(self, seed: int, params: dict[str, Any], beta: float | None = None) -> Pipeline:
         """The pipeline to refit on all data and save: ``build`` with ``params``, its classifier

@@ -8,7 +8,7 @@ from featcache.backbones import BackboneIdentity, Preprocessing
 from featcache.bundle import ModelBundle, load_bundle, manifest_path, save_bundle
 from featcache.cache import Rows
 from featcache.errors import FeatcacheError
-from featcache.fit import evaluate, fit
+from featcache.fit import Selection, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,43 @@ def test_the_table_keeps_its_columns_with_a_two_digit_spread():
     lines = families_table(report).splitlines()
     assert len({line.index("%") for line in lines[1:]}) == 1, lines
     assert "52.50 ± 10.84 %" in lines[1] and "90.00 ±  1.20 %" in lines[2]
+
+
+def test_warm_starts_along_c_reach_the_cold_start_optimum_in_fewer_iterations(rng):
+    from featcache.models import LinearSVM
+
+    X = rng.normal(size=(300, 20)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(scale=0.5, size=300) > 0).astype(int) + (X[:, 2] > 1)
+    warm = LinearSVM(C=0.01, warm_start=True).fit(X, y)
+    cold_iterations, warm_iterations = 0, 0
+    for C in (0.03, 0.1, 0.3):
+        warm.set_params(C=C).fit(X, y)
+        cold = LinearSVM(C=C).fit(X, y)
+        np.testing.assert_allclose(warm.coef_, cold.coef_, rtol=0, atol=1e-3)
+        np.testing.assert_array_equal(warm.predict(X), cold.predict(X))
+        cold_iterations, warm_iterations = cold_iterations + cold.n_iter_, warm_iterations + warm.n_iter_
+    assert warm_iterations < cold_iterations
+    with pytest.raises(ValueError, match="warm_start must be True or False"):
+        LinearSVM(warm_start="yes").fit(X, y)
+
+
+@pytest.mark.slow  # starts a Dask cluster
+def test_fit_on_a_local_cluster_equals_one_process(tmp_path):
+    from click.testing import CliRunner
+
+    from featcache.cli import cli
+
+    cache = synthetic_cache(tmp_path / "f.h5", separation=0.5, per_class=25)
+    one = fit(cache, cv=3, output=tmp_path / "one").report
+    run = CliRunner().invoke(cli, ["fit", str(cache), "--cv", "3", "-o", str(tmp_path / "two"),
+                                   "--scheduler", "local:2"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["best"] == one["best"]
+    for family in one["families"]:
+        assert two["families"][family]["grid"] == one["families"][family]["grid"], family
+        assert two["families"][family]["best_params"] == one["families"][family]["best_params"]
+    a, b = np.load(tmp_path / "one" / "oof.npz"), np.load(tmp_path / "two" / "oof.npz")
+    np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=0, atol=1e-6)
+    with pytest.raises(FeatcacheError, match="scheduler must be local, local:N or tcp://HOST:PORT"):
+        fit(cache, cv=3, output=tmp_path / "three", selection=Selection(scheduler="yarn"))

@@ -17,6 +17,7 @@ from featcache.cli.options import (
     device_option,
     engine_option,
     model_path_option,
+    scheduler_option,
 )
 from featcache.cli.progress import EpochBar, ProgressBar
 from featcache.cli.render import (
@@ -136,12 +137,7 @@ def backbones(layers_of: str | None) -> None:
     is_flag=True,
     help="Replace an existing cache made with another backbone, weights or settings.",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    help="Run on a Dask cluster: 'local' or 'local:N' starts N worker processes on this machine, "
-    "tcp://HOST:PORT joins a running scheduler. Default: this process alone.",
-)
+@scheduler_option("the extraction")
 @click.option(
     "--shard-size",
     type=click.IntRange(min=1),
@@ -152,8 +148,8 @@ def backbones(layers_of: str | None) -> None:
 @click.option(
     "--virtual",
     is_flag=True,
-    help="With --scheduler: write a small index over the shards (HDF5 virtual datasets) instead of "
-    "copying them into one file; the shards stay beside it.",
+    help="With --scheduler: keep a new cache's shards beside it as its segments (an index of HDF5 "
+    "virtual datasets) instead of copying them into one file. An update always appends its shards.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(
@@ -440,9 +436,10 @@ def compact(features: str) -> None:
     help="Images to leave out: one path per line (as the cache names them), or a CSV file with a "
     "path column.",
 )
+@scheduler_option("the cross-validation fits (a fold and a setting each; the same result)")
 def fit(
     features: str, model: str, cv: int, output: str, seed: int, class_weight: str, select_by: str,
-    no_group_duplicates: bool, relabel: str | None, exclude: str | None,
+    no_group_duplicates: bool, relabel: str | None, exclude: str | None, scheduler: str | None,
 ) -> None:  # fmt: skip
     """Cross-validate classifiers on a feature cache and save the best.
 
@@ -455,7 +452,7 @@ def fit(
     from featcache.fit import Selection
     from featcache.fit import fit as run_fit
 
-    selection = Selection(class_weight, select_by, not no_group_duplicates)
+    selection = Selection(class_weight, select_by, not no_group_duplicates, scheduler)
     corrections = read_corrections(relabel, exclude)
     data = corrections.apply(read_cache(features)) if corrections else features
     bar = EpochBar()

@@ -39,3 +39,12 @@ def engine_option(help_text: str):
     return auto_option(
         "--engine", choices.ENGINES, help_text + " auto: PyTorch on a CUDA GPU, else OpenVINO."
     )
+
+
+def scheduler_option(what: str):
+    return click.option(
+        "--scheduler",
+        default=None,
+        help=f"Run {what} on a Dask cluster: 'local' or 'local:N' starts N worker processes on this "
+        "machine, tcp://HOST:PORT joins a running scheduler. Default: this process alone.",
+    )
