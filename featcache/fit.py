@@ -91,6 +91,10 @@ class Selection:
         return (None,) if self.class_weight == "none" else ("balanced",)
 
 
+COMPARE_GROUPING = 0.01
+"""``fit`` cross-validates the chosen setting again with near-duplicates split across folds, to
+report what grouping them changed, when grouping joined at least this share of the images."""
+
 METRICS = {"accuracy": "cv_accuracy_mean", "balanced_accuracy": "cv_balanced_accuracy_mean",
            "macro_f1": "cv_f1_macro_mean"}  # fmt: skip
 """The report key of each ``select_by`` metric."""
@@ -194,7 +198,8 @@ def fit(
         report = _oof_report(results[chosen], oof[chosen], y, folders, cache)
         beta, report["calibration"] = _calibration(oof[chosen].logits, y_idx, family.calibrate)
         ungrouped = None
-        if groups is not None and len(np.unique(groups)) < len(y):
+        joined = 0 if groups is None else len(y) - len(np.unique(groups))
+        if joined >= COMPARE_GROUPING * len(y):  # fewer: a difference would be the folds' noise
             if on_progress:
                 on_progress(f"{chosen}: cross-validating again without grouping near-duplicates")
             plain = CVPlan(_folds(y, None, cv, seed), seed, selection.select_by, (None,), selection.scheduler)
