@@ -18,7 +18,7 @@ prints one, and peak memory (the process's maximum resident set).
   a rerun with nothing changed (the rescan: stat calls).
 - info: ``featcache info`` on the cache, in one file and in segments.
 - fit: ``featcache fit --model all --cv 5`` against one plain ``LogisticRegression(C=0.01)`` fit on
-  the same rows (lbfgs, max_iter 1000, all cores), with each family's CV accuracy.
+  the same rows (scikit-learn's defaults: lbfgs, max_iter 100, all cores), with each family's CV accuracy.
 
 With ``--before CHECKOUT`` (a checkout of the previous release, e.g. ``git worktree add /tmp/old
 d1dd5ae``), the same commands also run with that featcache (its caches are this cache with the
@@ -205,7 +205,7 @@ from sklearn.linear_model import LogisticRegression
 from featcache.cache import read_cache
 X, y = read_cache(sys.argv[1]).labelled()
 start = time.perf_counter()
-LogisticRegression(C=0.01, max_iter=1000).fit(X, y)
+LogisticRegression(C=0.01).fit(X, y)
 print(f"plain logistic regression in {time.perf_counter() - start:.2f} s")
 """
 

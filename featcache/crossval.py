@@ -61,15 +61,22 @@ class Task:
     settings: tuple[int, ...]
 
 
-def chains(grid: list[dict[str, Any]], warm_start: str | None) -> list[tuple[int, ...]]:
-    """The grid's settings (indices) in chains: those equal but for ``warm_start``, ascending in it."""
-    if warm_start is None:
+def chains(grid: list[dict[str, Any]], family: Any) -> list[tuple[int, ...]]:
+    """The grid's settings (indices) in chains: those equal but for the family's ``warm_start``
+    parameter (ascending in it) or its ``one_fit`` parameter (in the family's grid order)."""
+    along = family.warm_start or family.one_fit
+    if along is None:
         return [(i,) for i in range(len(grid))]
     keyed: dict[tuple, list[int]] = {}
     for i, params in enumerate(grid):
-        rest = tuple(sorted((k, repr(v)) for k, v in params.items() if k != warm_start))
+        rest = tuple(sorted((k, repr(v)) for k, v in params.items() if k != along))
         keyed.setdefault(rest, []).append(i)
-    return [tuple(sorted(chain, key=lambda i: grid[i].get(warm_start, 0))) for chain in keyed.values()]
+    if family.one_fit:
+        order = family.grid.get(along, [])
+        rank = lambda i: order.index(grid[i][along]) if grid[i].get(along) in order else len(order)  # noqa: E731
+    else:
+        rank = lambda i: grid[i].get(along, 0)  # noqa: E731
+    return [tuple(sorted(chain, key=rank)) for chain in keyed.values()]
 
 
 def run_chain(
@@ -81,8 +88,8 @@ def run_chain(
     on_epoch: dict[str, Any] | None = None,
 ) -> list[tuple[np.ndarray, int]]:
     """Fit each of ``settings`` in turn on the fold's training rows (warm-started along the chain when
-    the family allows it); return each one's logits on the fold's test rows and how many of its
-    fits stopped before converging (0 or 1)."""
+    the family allows it; once for the chain, when one fit yields them all); return each one's
+    logits on the fold's test rows and how many of its fits stopped before converging (0 or 1)."""
     from sklearn.exceptions import ConvergenceWarning
 
     from featcache.families import FAMILIES
@@ -95,10 +102,14 @@ def run_chain(
     pipe = family.build(fits.seed).set_params(**fits.fixed, **warm)
     out = []
     threads = fits.blas_threads if fits.blas_threads is not None else family.blas_threads
-    for params in settings:
+    for n, params in enumerate(settings):
+        pipe.set_params(**params)
+        if n > 0 and family.one_fit is not None:  # the first fit holds this setting's model too
+            out.append((class_logits(pipe, X_test), out[0][1]))
+            continue
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(threads, "blas"):
             warnings.simplefilter("always")
-            pipe.set_params(**params).fit(X_train, y_train, **(on_epoch or {}))
+            pipe.fit(X_train, y_train, **(on_epoch or {}))
         unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
         for w in caught:
             if not issubclass(w.category, ConvergenceWarning):
@@ -127,7 +138,7 @@ def cross_validate_settings(
 
     family = FAMILIES[fits.family]
     classes = np.unique(y)
-    tasks = [Task(f, chain) for f in range(len(folds)) for chain in chains(grid, family.warm_start)]
+    tasks = [Task(f, chain) for f in range(len(folds)) for chain in chains(grid, family)]
     logits = [np.zeros((len(y), len(classes))) for _ in grid]
     unconverged = [0] * len(grid)
 

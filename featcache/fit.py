@@ -179,7 +179,7 @@ def fit(
         _check_folds(plan.folds, y_idx, folders, groups)
         names = [n for n in FAMILIES if not FAMILIES[n].unavailable(cache)] if model == "all" else [model]
         families = [FAMILIES[n] for n in names]
-        per_fit = {f.name: len(ParameterGrid(_grid(f, plan))) * cv * f.epochs for f in families}
+        per_fit = {f.name: _fits(f, plan) * cv * f.epochs for f in families}
         epochs = EpochCounter(on_epoch, sum(per_fit.values()) + max(f.epochs for f in families))
         results: dict[str, Any] = {}
         oof: dict[str, OutOfFold] = {}
@@ -304,6 +304,16 @@ def _check_folds(
             )
 
 
+def _fits(family: Family, plan: CVPlan) -> int:
+    """How many fits one fold of ``family``'s grid takes (one per chain when one fit yields a chain)."""
+    from sklearn.model_selection import ParameterGrid
+
+    from featcache.crossval import chains
+
+    settings = list(ParameterGrid(_grid(family, plan)))
+    return len(chains(settings, family)) if family.one_fit else len(settings)
+
+
 def _grid(family: Family, plan: CVPlan) -> dict[str, list]:
     """``family``'s grid with the plan's class weightings (left out when there is only no weighting)."""
     if plan.weightings == (None,):
@@ -353,7 +363,8 @@ def _cross_validate_grid(
     on_task = None
     if plan.scheduler is not None and on_epoch:
         advance = on_epoch["clf__on_epoch"]
-        on_task = lambda task: advance(family.epochs * len(task.settings))  # noqa: E731
+        fits_per_task = 1 if family.one_fit else None
+        on_task = lambda task: advance(family.epochs * (fits_per_task or len(task.settings)))  # noqa: E731
     all_logits, unconverged = cross_validate_settings(
         fits, X, y, plan.folds, settings, None if plan.scheduler else on_epoch, plan.scheduler, on_task
     )

@@ -392,7 +392,9 @@ class Family:
     model is saved with an out-of-distribution score on the cache's pooled features (what it
     predicts from; not so for a family whose network changes them). ``warm_start`` names the grid
     parameter along which a fold's fits start from the previous solution (ascending; the
-    classifier takes ``warm_start=True``), None when they all start from scratch.
+    classifier takes ``warm_start=True``), None when they all start from scratch. ``one_fit``
+    names a grid parameter whose settings one fit yields at once (fit with the first, then only
+    set to the others, as :class:`~featcache.finetune.FinetuneClassifier`'s ``keep``).
 
     This base class fits the pooled features of a cache; a family that takes something else
     overrides :meth:`unavailable`, :meth:`inputs`, :meth:`to_bundle` and :meth:`prepare`.
@@ -407,6 +409,7 @@ class Family:
     epochs: int = 0
     scores_outliers: bool = True
     warm_start: str | None = None
+    one_fit: str | None = None
 
     def build_final(self, seed: int, params: dict[str, Any], beta: float | None = None) -> Pipeline:
         """The pipeline to refit on all data and save: ``build`` with ``params``, its classifier

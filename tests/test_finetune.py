@@ -83,7 +83,8 @@ def test_the_cached_maps_are_the_stage_output_of_the_eager_network(tmp_path, dat
     # and the pooled features come from the same pass, equal to a cache without maps
     plain = read_cache(extract(data, tmp_path / "plain.h5", backbone=BACKBONE, engine=engine).output)
     np.testing.assert_allclose(cache.features, plain.features, rtol=0, atol=1e-5)
-    assert read_cache(out).maps is None  # read only when asked for
+    lazy = read_cache(out)
+    assert isinstance(lazy.maps, Rows) and lazy.maps._all is None  # read only when asked for
 
 
 def test_maps_are_kept_incrementally_and_shown_by_info(tmp_path, data, capsys):
@@ -194,6 +195,24 @@ def test_maps_are_streamed_from_disk_and_train_as_in_memory(tuned, monkeypatch):
     assert all(np.array_equal(streamed.state_[k], loaded.state_[k]) for k in loaded.state_)
     np.testing.assert_array_equal(streamed.coef_, loaded.coef_)
     np.testing.assert_array_equal(streamed.predict_proba(X), loaded.predict_proba(in_memory))
+
+
+def test_one_run_gives_the_last_and_the_best_epochs_weights(tuned):
+    cache = read_cache(tuned[0])
+    X, y = cache.labelled(maps=True)
+    X = np.asarray(X)
+    settings = {"epochs": 4, "validation_fraction": 0.25, "patience": 10, "random_state": 3}
+    both = FinetuneClassifier(cache.identity.to_dict(), keep="last", **settings).fit(X, y)
+    best = FinetuneClassifier(cache.identity.to_dict(), keep="best", **settings).fit(X, y)
+    last = both.predict_proba(X)
+    assert set(both.weights_) == {"last", "best"} and set(best.weights_) == {"best"}
+    both.set_params(keep="best")  # no refit: the best epoch's weights were kept too
+    assert all(np.array_equal(both.state_[k], best.state_[k]) for k in best.state_)
+    np.testing.assert_array_equal(both.predict_proba(X), best.predict_proba(X))
+    assert not np.array_equal(last, best.predict_proba(X))
+    report = json.loads((tuned[1].report_path).read_text())["families"]["finetune"]
+    assert [g["params"] for g in report["grid"]] == [{"clf__keep": "last"}, {"clf__keep": "best"}]
+    assert report["fits"] == 2 * 3  # two settings scored on each of 3 folds, by one run per fold
 
 
 def test_the_model_is_plain_arrays_that_load_with_the_allowlist(tuned):
