@@ -1,7 +1,8 @@
 """How featcache's costs grow with the data (issue 29): appending to a cache, reading it, fitting on it.
 
-    python bench/scale.py --full CACHE [--workdir DIR] [--sizes 10000,60000] [--parts append,info,fit]
-                          [--before CHECKOUT] [--before-fit 10000]
+    python bench/scale.py --full CACHE [--workdir DIR] [--sizes 10000,60000]
+                          [--parts append,info,finetune,fit] [--before CHECKOUT] [--before-fit 10000]
+                          [--maps-images 300]
 
 ``CACHE`` is a cache of all 60,000 Fashion-MNIST training images as 28×28 PNGs (efficientnet_lite0),
 made by ``featcache extract FOLDER -o CACHE --backbone efficientnet_lite0`` over the folder that
@@ -17,6 +18,9 @@ prints one, and peak memory (the process's maximum resident set).
   machine allows). Then a second append of 100 more to the cache the first left in segments, and
   a rerun with nothing changed (the rescan: stat calls).
 - info: ``featcache info`` on the cache, in one file and in segments.
+- finetune (``--maps-images M``, at the first size only): the maps of stage 4 of M of its images
+  (``extract --maps 4``); ``featcache fit --model finetune --cv 3`` against one fine-tune fit of
+  the same maps (``FinetuneClassifier``, the whole schedule on all of them), in a process each.
 - fit: ``featcache fit --model all --cv 5`` against one plain ``LogisticRegression(C=0.01)`` fit on
   the same rows (scikit-learn's defaults: lbfgs, max_iter 100, all cores), with each family's CV accuracy.
 
@@ -230,26 +234,70 @@ def fit_part(n: int, base: Path, workdir: Path, before: Path | None, before_size
               f"{run['mib']:.0f} MiB; best {report['best']}; {families}")  # fmt: skip
 
 
+ONE_FINETUNE = """
+import sys, time
+from featcache.cache import read_cache
+from featcache.finetune import FinetuneClassifier
+cache = read_cache(sys.argv[1])
+X, y = cache.labelled(maps=True)
+start = time.perf_counter()
+FinetuneClassifier(cache.identity.to_dict()).fit(X, y)
+print(f"one fine-tune fit in {time.perf_counter() - start:.2f} s")
+"""
+
+
+def finetune_part(folder: Path, workdir: Path, images: int, before: Path | None) -> None:
+    maps_folder, maps = workdir / f"maps-data-{images}", workdir / f"maps-{images}.h5"
+    if not maps.is_file():
+        per = images // len(fashion.CLASSES)
+        for name in fashion.CLASSES:
+            (maps_folder / name).mkdir(parents=True, exist_ok=True)
+            for src in sorted((folder / name).iterdir())[:per]:
+                if not (maps_folder / name / src.name).exists():
+                    os.link(src, maps_folder / name / src.name)
+        measured([*FEATCACHE, "extract", str(maps_folder), "-o", str(maps), "--backbone",
+                  "efficientnet_lite0", "--maps", "4", "-q"])  # fmt: skip
+    one = measured([sys.executable, "-c", ONE_FINETUNE, str(maps)])
+    print(f"  {images} maps of stage 4: one fine-tune fit (20 epochs) {one['inside']:.1f} s, "
+          f"{20 * images / one['inside']:.0f} image-epochs/s")  # fmt: skip
+    runs = [("this", None, maps)]
+    if before is not None:
+        runs.append(("before", before, as_format_1(maps, workdir / "before-maps.h5")))
+    for who, checkout, cache in runs:
+        out = workdir / f"finetune-{who}"
+        run = measured([*FEATCACHE, "fit", str(cache), "--model", "finetune", "--cv", "3", "-o", str(out)],
+                       featcache_env(checkout))  # fmt: skip
+        report = json.loads((out / "report.json").read_text())["families"]["finetune"]
+        ratio = run["wall"] / one["inside"]
+        accuracy = 100 * report["cv_accuracy_mean"]
+        print(f"  fit --model finetune --cv 3 ({who}): {run['wall']:.1f} s = {ratio:.2f}x one fit; "
+              f"{report['fits']} CV fits, CV accuracy {accuracy:.2f} % ({report['best_params']})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-scale")
     parser.add_argument("--sizes", default="10000,60000")
-    parser.add_argument("--parts", default="append,info,fit")
+    parser.add_argument("--parts", default="append,info,finetune,fit")
     parser.add_argument("--before", type=Path, default=None)
     parser.add_argument("--before-fit", default="10000")
+    parser.add_argument("--maps-images", type=int, default=300)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     args.workdir.mkdir(parents=True, exist_ok=True)
     with recorded():
         print(f"data: Fashion-MNIST training images (28x28 PNG), efficientnet_lite0; {args.full}")
-        for n in map(int, args.sizes.split(",")):
+        sizes = [int(n) for n in args.sizes.split(",")]
+        for n in sizes:
             folder, base = subset(args.full, n, args.workdir)
             print(f"{n} images ({base.stat().st_size / 2**20:.0f} MiB cache):")
             if "append" in parts:
                 append_part(n, folder, base, args.workdir, args.before)
             if "info" in parts:
                 info_part(base, args.workdir, args.before)
+            if "finetune" in parts and n == sizes[0]:
+                finetune_part(folder, args.workdir, args.maps_images, args.before)
             if "fit" in parts:
                 fit_part(n, base, args.workdir, args.before, set(map(int, args.before_fit.split(","))))
 
