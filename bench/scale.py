@@ -54,11 +54,12 @@ from featcache.cache import read_cache, write_cache
 FEATCACHE = [sys.executable, "-m", "featcache"]
 
 
-def measured(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
-    """Run ``args``; its wall seconds, peak memory (MiB), output, and the "in X s" it printed."""
+def measured(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``args`` (in a folder without featcache's sources, so that ``--before`` runs the checkout
+    it names); its wall seconds, peak memory (MiB), output, and the "in X s" it printed."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tempfile.gettempdir()
     )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -185,11 +186,11 @@ def append_part(n: int, folder: Path, base: Path, workdir: Path, before: Path | 
                 p.unlink()
             remove_cache(trial)
     print(f"  {'featcache':<9} {'cache':<5} {'what':<30} {'wall s':>7} {'in s':>6} {'peak MiB':>8} "
-          f"{'alone: in s':>11} {'ratio':>6}")  # fmt: skip
+          f"{'alone: in s':>11} {'peak MiB':>8} {'ratio':>6}")  # fmt: skip
     for who, temperature, what, one, ref in rows:
         inside = one["inside"] if one["inside"] is not None else float("nan")
         print(f"  {who:<9} {temperature:<5} {what:<30} {one['wall']:7.2f} {inside:6.2f} {one['mib']:8.0f} "
-              f"{ref['inside']:11.2f} {inside / ref['inside']:6.2f}x")  # fmt: skip
+              f"{ref['inside']:11.2f} {ref['mib']:8.0f} {inside / ref['inside']:6.2f}x")  # fmt: skip
 
 
 def info_part(base: Path, workdir: Path, before: Path | None) -> None:
