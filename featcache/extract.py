@@ -196,13 +196,12 @@ def _extract(
         write_cache(cache, output)
         written = True
     else:
-        listing = _listing(
-            dataset, kept, identity, dtype, label_map, skipped, previous, reusable, computed, placed
-        )
+        found = _Found(reusable, computed, placed)
+        listing = _listing(dataset, kept, identity, dtype, label_map, skipped, previous, found)
         listing.engine, listing.shards = engine, len(shards)
         written = previous is None or bool(computed or placed) or not previous.same_listing(listing)
         if written:
-            rows = _locations(output, dataset, kept, identity, dtype, reusable, computed, placed, notes)
+            rows = _locations(output, dataset, kept, identity, dtype, found, notes)
             write_index(listing, output, rows)
             if (previous is None and not options.virtual) or needs_compacting(rows, rows.counts()):
                 compact(output)
@@ -380,6 +379,16 @@ def _reusable_rows(previous: FeatureCache, dataset: Dataset) -> dict[str, int]:
     }  # fmt: skip
 
 
+@dataclass
+class _Found:
+    """Where this run has each file's row: ``reusable`` in the previous cache (its row number there),
+    ``computed`` in this process, or ``placed`` in a cluster's shard (shard, row, size, mtime)."""
+
+    reusable: dict[str, int]
+    computed: dict[str, Row]
+    placed: dict[str, tuple[Path, int, int, int]]
+
+
 def _listing(
     dataset: Dataset,
     kept: list[ImageFile],
@@ -388,20 +397,18 @@ def _listing(
     label_map: LabelMap,
     skipped: list[tuple[str, str]],
     previous: FeatureCache | None,
-    reusable: dict[str, int],
-    computed: dict[str, Row],
-    placed: dict[str, tuple[Path, int, int, int]],
+    found: _Found,
 ) -> FeatureCache:
     """The cache's listing (no rows) of the files ``kept``, wherever their rows are."""
     signatures = []
     for f in kept:
-        if f.relpath in computed:
-            row = computed[f.relpath]
+        if f.relpath in found.computed:
+            row = found.computed[f.relpath]
             signatures.append((row.size, row.mtime_ns))
-        elif f.relpath in placed:
-            signatures.append(placed[f.relpath][2:])
+        elif f.relpath in found.placed:
+            signatures.append(found.placed[f.relpath][2:])
         else:
-            i = reusable[f.relpath]
+            i = found.reusable[f.relpath]
             signatures.append((int(previous.sizes[i]), int(previous.mtimes_ns[i])))
     sizes, mtimes = np.array(signatures, dtype=np.int64).reshape(-1, 2).T
     return FeatureCache(
@@ -425,9 +432,7 @@ def _locations(
     kept: list[ImageFile],
     identity: BackboneIdentity,
     dtype: str,
-    reusable: dict[str, int],
-    computed: dict[str, Row],
-    placed: dict[str, tuple[Path, int, int, int]],
+    found: _Found,
     notes: list[str],
 ) -> Locations:
     """Where each row of ``kept`` is: reused rows stay where the cache at ``output`` keeps them (a
@@ -437,6 +442,7 @@ def _locations(
     folder.mkdir(exist_ok=True)
     files: list[Path] = []
     where: dict[str, tuple[int, int]] = {}
+    reusable, computed, placed = found.reusable, found.computed, found.placed
     if reusable:
         before = locations(output)
         if before.files == [output]:
