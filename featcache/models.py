@@ -255,15 +255,22 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         d, C = X.shape[1], float(self.C)
         # per-image costs: C, or C times the image's class weight
         costs = C if weights is None else (C * weights)[:, None].astype(X.dtype)
+        # solved for u, w = M u (see _preconditioner), where rows outnumber features
+        M, M_inverse = _preconditioner(X, float(np.mean(costs))) if len(X) >= d else (None, None)
+        Xu = X if M is None else X @ M.astype(X.dtype)  # the features in u
+        square = None if M is None else M @ M
 
-        # theta = [W (d x k, raveled), b (k)]; the products run in the dtype of X (float32
+        def regularised(U: np.ndarray) -> np.ndarray:  # the gradient of 0.5 |w|^2 in u
+            return U if square is None else square @ U
+
+        # theta = [u (d x k, raveled), b (k)]; the products run in the dtype of X (float32
         # features: about 3x faster than float64), the sums in float64
-        def scores(theta: np.ndarray, rows: Any = slice(None)) -> np.ndarray:
-            return X[rows] @ theta[: d * k].reshape(d, k).astype(X.dtype) + theta[d * k :].astype(X.dtype)
+        def scores(theta: np.ndarray) -> np.ndarray:
+            return Xu @ theta[: d * k].reshape(d, k).astype(X.dtype) + theta[d * k :].astype(X.dtype)
 
-        def pack(W: np.ndarray, per_sample: np.ndarray, X_rows: np.ndarray = X) -> np.ndarray:
-            grad_w = W + (X_rows.T @ per_sample).astype(np.float64)
-            return np.concatenate([grad_w.ravel(), per_sample.sum(axis=0, dtype=np.float64)])
+        def pack(U: np.ndarray, per_sample: np.ndarray, X_rows: np.ndarray = Xu) -> np.ndarray:
+            grad_u = regularised(U) + (X_rows.T @ per_sample).astype(np.float64)
+            return np.concatenate([grad_u.ravel(), per_sample.sum(axis=0, dtype=np.float64)])
 
         # the Hessian at theta involves only the images inside some class's margin (about half of
         # them near the optimum): they are copied once per Newton step, for all its CG products
@@ -275,10 +282,10 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
             return at["margin"]
 
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            W = theta[: d * k].reshape(d, k)
+            U = theta[: d * k].reshape(d, k)
             slack = np.maximum(0, 1 - margins(theta))
-            loss = 0.5 * float(np.vdot(W, W)) + float(np.vdot(costs * slack, slack))
-            return loss, pack(W, -2 * costs * slack * signs)
+            loss = 0.5 * float(np.vdot(U, regularised(U))) + float(np.vdot(costs * slack, slack))
+            return loss, pack(U, -2 * costs * slack * signs)
 
         def hessian_times(theta: np.ndarray, v: np.ndarray) -> np.ndarray:
             margin = margins(theta)
@@ -286,16 +293,17 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
                 active = margin < 1
                 rows = np.flatnonzero(active.any(axis=1))
                 row_costs = costs if np.isscalar(costs) else costs[rows]
-                at.update(rows=rows, X=X[rows], curvature=(2 * row_costs * active[rows]).astype(X.dtype))
+                at.update(rows=rows, X=Xu[rows], curvature=(2 * row_costs * active[rows]).astype(X.dtype))
             Xa = at["X"]
-            per_sample = at["curvature"] * (Xa @ v[: d * k].reshape(d, k).astype(X.dtype)
-                                            + v[d * k :].astype(X.dtype))  # fmt: skip
+            V = v[: d * k].reshape(d, k)
+            per_sample = at["curvature"] * (Xa @ V.astype(X.dtype) + v[d * k :].astype(X.dtype))
             return pack(v[: d * k].reshape(d, k), per_sample, Xa)
 
         start = np.zeros(d * k + k)
         same = previous is not None and np.array_equal(previous[0], self.classes_)
         if same and previous[1].shape == (k, d):
-            start = np.concatenate([previous[1].T.ravel(), previous[2]])
+            W = previous[1].T if M_inverse is None else M_inverse @ previous[1].T
+            start = np.concatenate([W.ravel(), previous[2]])
         result = minimize(
             loss_and_grad, start, jac=True, hessp=hessian_times, method="Newton-CG",
             options={"maxiter": self.max_iter, "xtol": self.tol},
@@ -308,7 +316,8 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=2,
             )
-        self.coef_ = result.x[: d * k].reshape(d, k).T.copy()
+        U = result.x[: d * k].reshape(d, k)
+        self.coef_ = (U if M is None else M @ U).T.copy()
         self.intercept_ = result.x[d * k :].copy()
         return self
 
@@ -324,6 +333,21 @@ class LinearSVM(ClassifierMixin, BaseEstimator):
         scores = self.decision_function(X)
         index = (scores > 0).astype(int) if scores.ndim == 1 else np.argmax(scores, axis=1)
         return self.classes_[index]
+
+
+PRECONDITION_SHARE = 0.05
+"""The share of images taken to be inside a margin when preconditioning (bench: 0.03-0.1 do as well)."""
+
+
+def _preconditioner(X: np.ndarray, cost: float) -> tuple[np.ndarray, np.ndarray]:
+    """``M = (I + a G)^(-1/2)`` and its inverse, with ``G`` the second moment of ``X``'s rows and
+    ``a = 2 cost n share``: the squared hinge's Hessian in w is ``I + 2 C sum x x^T`` over the images
+    inside a margin, so in u (w = M u) it is near the identity, and Newton-CG's conjugate gradients
+    take about half the products. Any M has the same optimum."""
+    gram = (X.T @ X).astype(np.float64) / len(X)
+    eigenvalues, vectors = np.linalg.eigh(gram)
+    scale = 1 + 2 * cost * len(X) * PRECONDITION_SHARE * np.maximum(eigenvalues, 0)
+    return (vectors * scale**-0.5) @ vectors.T, (vectors * scale**0.5) @ vectors.T
 
 
 def class_logits(estimator: Any, X: Any) -> np.ndarray:

@@ -218,3 +218,22 @@ def test_softmax_update_is_pytorchs_sgd():
             opt.step()
     np.testing.assert_allclose(ours.coef_, layer.weight.detach().numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.intercept_, layer.bias.detach().numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_linear_svm_preconditioned_reaches_the_plain_optimum(monkeypatch, class_weight):
+    # where rows outnumber features the solver works in preconditioned variables: the same optimum
+    from featcache import models
+
+    rng = np.random.default_rng(9)
+    y = np.repeat(np.arange(3), [300, 100, 50])
+    mixing = rng.normal(size=(20, 20))  # correlated features: an ill-conditioned Hessian
+    X = (rng.normal(size=(3, 20))[y] + rng.normal(size=(450, 20))) @ mixing
+    pre = LinearSVM(C=0.01, tol=1e-7, class_weight=class_weight).fit(X, y)
+    monkeypatch.setattr(models, "_preconditioner", lambda X, cost: (None, None))
+    plain = LinearSVM(C=0.01, tol=1e-7, class_weight=class_weight).fit(X, y)
+    objective = _svm_objective(plain.coef_, plain.intercept_, X, y, 0.01)
+    if class_weight is None:
+        assert _svm_objective(pre.coef_, pre.intercept_, X, y, 0.01) <= objective * (1 + 1e-6)
+    np.testing.assert_allclose(pre.coef_, plain.coef_, rtol=0, atol=1e-4 * np.abs(plain.coef_).max())
+    np.testing.assert_allclose(pre.intercept_, plain.intercept_, rtol=0, atol=1e-4)
