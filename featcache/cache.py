@@ -342,7 +342,6 @@ def _decode(arr: np.ndarray) -> list[str]:
     return [os.fsdecode(bytes(b)) for b in arr]
 
 
-
 def write_cache(cache: FeatureCache, path: str | os.PathLike) -> None:
     """Write ``cache`` whole, its rows in the file, to ``path`` atomically (temporary file, fsync,
     rename). The rows are copied in blocks, so a cache read from a file is never loaded whole."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from featcache import outliers
 from featcache.bundle import MODEL_FILE, save_bundle
 from featcache.cache import FeatureCache, read_cache
 from featcache.calibration import calibrated
@@ -24,7 +25,6 @@ from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.evaluate import Evaluation, evaluate  # noqa: F401 - where scripts found them before
 from featcache.files import locked, writable_folder
 from featcache.oof import OOF_FILE, save_oof
-from featcache.outliers import OutlierScore, fit_outlier_score
 
 if TYPE_CHECKING:
     from featcache.models import Family
@@ -210,7 +210,7 @@ def fit(
         if family.scores_outliers:
             if on_progress:
                 on_progress("out-of-distribution score: fitting it out of fold")
-            outlier, oof_scores = outlier_score(pooled, y_idx, plan.folds)
+            outlier, oof_scores = outliers.out_of_fold(pooled, y_idx, plan.folds)
             report["outliers"] = {"threshold": outlier.threshold, "keep": outlier.keep,
                                   "components": int(outlier.projection.shape[1])}  # fmt: skip
         if on_progress:
@@ -444,17 +444,6 @@ def _duplicates_report(
         key = METRICS[select_by]
         report.update(metric=select_by, with_grouping=grouped[key], without_grouping=ungrouped[0][key])
     return report
-
-
-def outlier_score(
-    X: np.ndarray, y_idx: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]
-) -> tuple[OutlierScore, np.ndarray]:
-    """The out-of-distribution score of features ``X`` (fit on all rows) with its threshold set on
-    the out-of-fold scores of ``folds``, and those out-of-fold scores."""
-    oof = np.zeros(len(X))
-    for train, test in folds:
-        oof[test] = fit_outlier_score(X[train], y_idx[train]).score(X[test])
-    return fit_outlier_score(X, y_idx).with_threshold(oof), oof
 
 
 def _warn_low_recall(rows: list[dict[str, Any]], where: str) -> None:

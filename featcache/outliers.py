@@ -15,7 +15,7 @@ arrays and two numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -89,28 +89,60 @@ class OutlierScore:
         return cls(**arrays, threshold=float(d["threshold"]), keep=float(d["keep"]))
 
 
-def fit_outlier_score(X: np.ndarray, y_idx: np.ndarray, components: int = COMPONENTS) -> OutlierScore:
+def fit_outlier_score(
+    X: np.ndarray, y_idx: np.ndarray, components: int = COMPONENTS, moments: Moments | None = None
+) -> OutlierScore:
     """The :class:`OutlierScore` of features ``X`` with class indices ``y_idx`` (0..K-1, every class
-    present), without a threshold yet (see :meth:`OutlierScore.with_threshold`)."""
+    present), without a threshold yet (see :meth:`OutlierScore.with_threshold`). ``moments`` are
+    those of ``X``'s unit rows when already known (see :func:`out_of_fold`)."""
     from sklearn.covariance import LedoitWolf
-    from sklearn.decomposition import PCA
 
-    X = unit_rows(np.asarray(X, dtype=np.float64))
-    mean = X.mean(axis=0)
-    Z = X - mean
-    p = min(components, X.shape[1], max(len(X) - 1, 1))
-    if p < X.shape[1]:
-        pca = PCA(p, svd_solver="randomized", random_state=0).fit(Z)
-        reduce = pca.components_.T
-        Z = (Z - pca.mean_) @ reduce
-        mean = mean + pca.mean_
+    U = unit_rows(np.asarray(X, dtype=np.float64))
+    n, total, gram = moments or Moments.of(U)
+    mean = total / n
+    p = min(components, U.shape[1], max(n - 1, 1))
+    if p < U.shape[1]:  # PCA: the leading eigenvectors of the covariance
+        eigenvalues, vectors = np.linalg.eigh(gram / n - np.outer(mean, mean))
+        reduce = vectors[:, np.argsort(eigenvalues)[::-1][:p]]
     else:
-        reduce = np.eye(X.shape[1])
+        reduce = np.eye(U.shape[1])
+    Z = (U - mean) @ reduce
     k = int(y_idx.max()) + 1
     class_means = np.stack([Z[y_idx == c].mean(axis=0) for c in range(k)])
     precision = LedoitWolf(assume_centered=True).fit(Z - class_means[y_idx]).precision_
     whiten = np.linalg.cholesky((precision + precision.T) / 2)  # precision = whiten @ whiten.T
     return OutlierScore(mean, reduce @ whiten, class_means @ whiten)
+
+
+def out_of_fold(
+    X: np.ndarray, y_idx: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[OutlierScore, np.ndarray]:
+    """The :class:`OutlierScore` of features ``X`` (fit on all rows) with its threshold set on the
+    out-of-fold scores of ``folds`` (whose test rows are all of ``X``'s, once each), and those
+    out-of-fold scores. Each fold's moments are all rows' less its test rows'."""
+    U = unit_rows(np.asarray(X, dtype=np.float64))
+    parts = [Moments.of(U[test]) for _, test in folds]
+    whole = Moments(*(sum(m[i] for m in parts) for i in range(3)))
+    if whole.n != len(U):
+        raise ValueError(f"the folds' test rows must be the {len(U)} rows once each, got {whole.n}")
+    oof = np.zeros(len(U))
+    for (train, test), part in zip(folds, parts, strict=True):
+        held_out = Moments(whole.n - part.n, whole.total - part.total, whole.gram - part.gram)
+        oof[test] = fit_outlier_score(U[train], y_idx[train], moments=held_out).score(U[test])
+    return fit_outlier_score(U, y_idx, moments=whole).with_threshold(oof), oof
+
+
+class Moments(NamedTuple):
+    """The count, sum and Gram matrix (``U.T @ U``) of rows ``U``: a PCA's input, which adds up over
+    row subsets."""
+
+    n: int
+    total: np.ndarray
+    gram: np.ndarray
+
+    @classmethod
+    def of(cls, U: np.ndarray) -> Moments:
+        return cls(len(U), U.sum(axis=0), U.T @ U)
 
 
 def row_lengths(X: np.ndarray) -> np.ndarray:
