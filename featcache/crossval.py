@@ -22,6 +22,9 @@ from threadpoolctl import threadpool_limits
 
 _CLIENTS: dict[str, Any] = {}
 
+ChainResult = tuple[list[tuple[np.ndarray, int]], list[tuple[str, type[Warning]]]]
+"""What :func:`run_chain` returns: each setting's test logits and unconverged fits, and warnings."""
+
 
 @contextmanager
 def cluster(scheduler: str | None) -> Iterator[Any]:
@@ -44,10 +47,11 @@ def cluster(scheduler: str | None) -> Iterator[Any]:
 
 @dataclass(frozen=True)
 class Fits:
-    """What every fit of one family's cross-validation shares: the family, the pipeline parameters
+    """What every fit of one family's cross-validation shares: the family (a
+    :class:`~featcache.models.Family`, sent to worker processes with it), the pipeline parameters
     fixed on every fit, the seed, and the BLAS threads of each fit (None: the family's)."""
 
-    family: str
+    family: Any
     fixed: dict[str, Any]
     seed: int
     blas_threads: int | None = None
@@ -79,6 +83,14 @@ def chains(grid: list[dict[str, Any]], family: Any) -> list[tuple[int, ...]]:
     return [tuple(sorted(chain, key=rank)) for chain in keyed.values()]
 
 
+def local_workers(family: Any, tasks: int) -> int:
+    """How many processes run ``tasks`` of ``family``'s cross-validation without a scheduler: one
+    per core for a family that fits with one BLAS thread (its fits use one core each), else one."""
+    from joblib import cpu_count
+
+    return 1 if family.blas_threads != 1 else max(1, min(tasks, cpu_count()))
+
+
 def run_chain(
     fits: Fits,
     X: Any,
@@ -86,36 +98,33 @@ def run_chain(
     fold: tuple[np.ndarray, np.ndarray],
     settings: list[dict[str, Any]],
     on_epoch: dict[str, Any] | None = None,
-) -> list[tuple[np.ndarray, int]]:
+) -> ChainResult:
     """Fit each of ``settings`` in turn on the fold's training rows (warm-started along the chain when
     the family allows it; once for the chain, when one fit yields them all); return each one's
-    logits on the fold's test rows and how many of its fits stopped before converging (0 or 1)."""
+    logits on the fold's test rows and how many of its fits stopped before converging (0 or 1),
+    and the other warnings of the fits (to be shown where the cross-validation runs)."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from featcache.families import FAMILIES
     from featcache.models import class_logits
 
-    family = FAMILIES[fits.family]
+    family = fits.family
     train, test = fold
     X_train, y_train, X_test = X[train], y[train], X[test]
     warm = {"clf__warm_start": True} if family.warm_start is not None and len(settings) > 1 else {}
     pipe = family.build(fits.seed).set_params(**fits.fixed, **warm)
-    out = []
+    out, others = [], []
     threads = fits.blas_threads if fits.blas_threads is not None else family.blas_threads
     for n, params in enumerate(settings):
         pipe.set_params(**params)
-        if n > 0 and family.one_fit is not None:  # the first fit holds this setting's model too
-            out.append((class_logits(pipe, X_test), out[0][1]))
-            continue
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(threads, "blas"):
             warnings.simplefilter("always")
-            pipe.fit(X_train, y_train, **(on_epoch or {}))
-        unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
-        for w in caught:
-            if not issubclass(w.category, ConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        out.append((class_logits(pipe, X_test), int(unconverged)))
-    return out
+            if n == 0 or family.one_fit is None:  # else the first fit holds this setting's model too
+                pipe.fit(X_train, y_train, **(on_epoch or {}))
+            logits = class_logits(pipe, X_test)
+        stopped = [issubclass(w.category, ConvergenceWarning) for w in caught]
+        others += [(str(w.message), w.category) for w, s in zip(caught, stopped, strict=True) if not s]
+        out.append((logits, int(any(stopped)) if n == 0 or family.one_fit is None else out[0][1]))
+    return out, others
 
 
 def cross_validate_settings(
@@ -130,19 +139,21 @@ def cross_validate_settings(
 ) -> tuple[list[np.ndarray], list[int]]:
     """Every setting of ``grid``'s out-of-fold logits (N×K) and its number of unconverged fits.
 
-    ``on_epoch`` (fit parameters that follow the epochs) is used in this process only; with a
-    ``scheduler``, ``on_task`` is called as each task finishes instead. Maps still on disk (a
+    ``on_epoch`` (fit parameters that follow the epochs) is used when the tasks run in this process
+    one after the other; with a ``scheduler``, or in worker processes (see :func:`local_workers`),
+    ``on_task`` is called as each task finishes instead. Maps still on disk (a
     :class:`~featcache.cache.RowView`) are read by the workers from the cache file, which they must
     see at the same path."""
-    from featcache.families import FAMILIES
-
-    family = FAMILIES[fits.family]
+    family = fits.family
     classes = np.unique(y)
     tasks = [Task(f, chain) for f in range(len(folds)) for chain in chains(grid, family)]
     logits = [np.zeros((len(y), len(classes))) for _ in grid]
     unconverged = [0] * len(grid)
 
-    def collect(task: Task, results: list[tuple[np.ndarray, int]]) -> None:
+    def collect(task: Task, chain: ChainResult) -> None:
+        results, others = chain
+        for message, category in others:
+            warnings.warn(message, category, stacklevel=4)
         test = folds[task.fold][1]
         for i, (z, n) in zip(task.settings, results, strict=True):
             logits[i][test] = z
@@ -153,9 +164,22 @@ def cross_validate_settings(
     def settings_of(task: Task) -> list[dict[str, Any]]:
         return [grid[i] for i in task.settings]
 
-    if scheduler is None:
+    workers = local_workers(family, len(tasks)) if scheduler is None else 0
+    if workers == 1:
         for task in tasks:
             collect(task, run_chain(fits, X, y, folds[task.fold], settings_of(task), on_epoch))
+        return logits, unconverged
+    if workers > 1:
+        from joblib import Parallel, delayed
+
+        one_thread = dataclasses.replace(fits, blas_threads=1)
+        run = delayed(run_chain)
+        # joblib hands large arrays to its worker processes as memory maps of one file
+        results = Parallel(n_jobs=workers, return_as="generator")(
+            run(one_thread, X, y, folds[t.fold], settings_of(t)) for t in tasks
+        )
+        for task, result in zip(tasks, results, strict=True):
+            collect(task, result)
         return logits, unconverged
 
     from distributed import as_completed

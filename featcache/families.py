@@ -15,7 +15,9 @@ FAMILIES: dict[str, Family] = {
                {"clf__C": [0.003, 0.01, 0.03, 0.1, 0.3]}, blas_threads=1, warm_start="clf__C"),
         Family("linsvm", "linear SVM (squared hinge, one-vs-rest), temperature-calibrated", linsvm,
                {"clf__C": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}, calibrate=True, warm_start="clf__C"),
-        Family("softmax", "softmax head (SGD)", softmax, {"clf__weight_decay": [1e-4, 1e-3, 1e-2]}),
+        # small SGD batches: one BLAS thread is faster too (1.2x at 50,000 images)
+        Family("softmax", "softmax head (SGD)", softmax, {"clf__weight_decay": [1e-4, 1e-3, 1e-2]},
+               blas_threads=1),
         FINETUNE,
     )
 }  # fmt: skip

@@ -356,17 +356,18 @@ def _cross_validate_grid(
     :mod:`featcache.crossval`: warm-started chains, here or on the plan's Dask cluster)."""
     from sklearn.model_selection import ParameterGrid
 
-    from featcache.crossval import Fits, cross_validate_settings
+    from featcache.crossval import Fits, cross_validate_settings, local_workers
 
     settings = list(ParameterGrid(grid))
-    fits = Fits(family.name, fixed or {}, plan.seed)
+    fits = Fits(family, fixed or {}, plan.seed)
     on_task = None
-    if plan.scheduler is not None and on_epoch:
+    elsewhere = plan.scheduler is not None or local_workers(family, len(plan.folds)) > 1
+    if elsewhere and on_epoch:
         advance = on_epoch["clf__on_epoch"]
         fits_per_task = 1 if family.one_fit else None
         on_task = lambda task: advance(family.epochs * (fits_per_task or len(task.settings)))  # noqa: E731
     all_logits, unconverged = cross_validate_settings(
-        fits, X, y, plan.folds, settings, None if plan.scheduler else on_epoch, plan.scheduler, on_task
+        fits, X, y, plan.folds, settings, None if elsewhere else on_epoch, plan.scheduler, on_task
     )
     scored, results = [], []
     classes = np.unique(y)

@@ -204,3 +204,46 @@ def test_fit_on_a_local_cluster_equals_one_process(tmp_path):
     np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=0, atol=1e-6)
     with pytest.raises(FeatcacheError, match="scheduler must be local, local:N or tcp://HOST:PORT"):
         fit(cache, cv=3, output=tmp_path / "three", selection=Selection(scheduler="yarn"))
+
+
+def _warns_odd(X):
+    import warnings
+
+    warnings.warn("odd data", UserWarning, stacklevel=1)
+    return X
+
+
+def test_cv_in_worker_processes_equals_one_process_and_keeps_warnings(tmp_path, monkeypatch):
+    # families fitting with one BLAS thread cross-validate in a process per core
+    import dataclasses
+
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    import featcache.families
+    from featcache import crossval
+    from featcache.models import logreg
+
+    def warning_logreg(seed):
+        return Pipeline([("odd", FunctionTransformer(_warns_odd)), *logreg(seed).steps])
+
+    family = dataclasses.replace(featcache.families.FAMILIES["logreg"], build=warning_logreg)
+    assert family.blas_threads == 1 and featcache.families.FAMILIES["softmax"].blas_threads == 1
+    monkeypatch.setitem(featcache.families.FAMILIES, "logreg", family)
+    cache = synthetic_cache(tmp_path / "f.h5", separation=0.5, per_class=25)
+    reports, asked, odd = {}, {}, {}
+    for workers in (2, 1):
+        calls = asked[workers] = []
+        counted = lambda family, tasks, n=workers, c=calls: c.append(family.name) or n  # noqa: E731
+        monkeypatch.setattr(crossval, "local_workers", counted)
+        with pytest.warns(UserWarning, match="odd data") as caught:
+            reports[workers] = fit(cache, cv=3, output=tmp_path / str(workers)).report
+        odd[workers] = sum(str(w.message) == "odd data" for w in caught)
+    assert {"logreg", "softmax", "linsvm"} <= set(asked[2])
+    assert odd[2] == odd[1] > 5 * 3  # every fit's, from the workers too
+    one, two = reports[1], reports[2]
+    assert two["best"] == one["best"]
+    for name in one["families"]:
+        assert two["families"][name]["grid"] == one["families"][name]["grid"], name
+    a, b = np.load(tmp_path / "1" / "oof.npz"), np.load(tmp_path / "2" / "oof.npz")
+    np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=0, atol=1e-6)
