@@ -361,7 +361,7 @@ def _cross_validate_grid(
     settings = list(ParameterGrid(grid))
     fits = Fits(family, fixed or {}, plan.seed)
     on_task = None
-    elsewhere = plan.scheduler is not None or local_workers(family, len(plan.folds)) > 1
+    elsewhere = plan.scheduler is not None or local_workers(family, len(plan.folds), X) > 1
     if elsewhere and on_epoch:
         advance = on_epoch["clf__on_epoch"]
         fits_per_task = 1 if family.one_fit else None

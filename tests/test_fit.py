@@ -234,7 +234,7 @@ def test_cv_in_worker_processes_equals_one_process_and_keeps_warnings(tmp_path, 
     reports, asked, odd = {}, {}, {}
     for workers in (2, 1):
         calls = asked[workers] = []
-        counted = lambda family, tasks, n=workers, c=calls: c.append(family.name) or n  # noqa: E731
+        counted = lambda family, tasks, X, n=workers, c=calls: c.append(family.name) or n  # noqa: E731
         monkeypatch.setattr(crossval, "local_workers", counted)
         with pytest.warns(UserWarning, match="odd data") as caught:
             reports[workers] = fit(cache, cv=3, output=tmp_path / str(workers)).report
