@@ -180,15 +180,7 @@ def main() -> None:
     import fashion
 
     work = Path(args.workdir)
-    sets = []
-    if args.png:
-        sets.append(
-            ("fmnist-png-28", fashion.write_folder(work / f"fmnist_png_{args.png}", "train", args.png // 10))
-        )
-    if args.jpeg:
-        sets.append(("jpeg-500x375", fashion.jpeg_folder(work, args.jpeg)))
-    if args.big:
-        sets.append(("jpeg-4032x3024", fashion.jpeg_folder(work, args.big, (4032, 3024))))
+    sets = fashion.image_sets(work, args.png, args.jpeg, args.big)
     if sets:
         print(
             "img/s: marginal throughput, from the end of the first batch to the end of the command;\n"

@@ -64,3 +64,16 @@ def jpeg_folder(workdir: Path, n: int, size: tuple[int, int] = (500, 375)) -> Pa
     """``n`` training images (``n // 10`` per class) scaled to ``size`` and saved as JPEG quality 90
     in ``workdir/fmnist_jpeg<width>_<n>``."""
     return write_folder(workdir / f"fmnist_jpeg{size[0]}_{n}", "train", n // 10, size, "JPEG")
+
+
+def image_sets(workdir: Path, png: int = 0, jpeg: int = 0, big: int = 0) -> list[tuple[str, Path]]:
+    """The benchmark image folders asked for, named: ``png`` 28x28 PNGs, ``jpeg`` 500x375 JPEGs and
+    ``big`` 4032x3024 (12 MP) JPEGs, ``n // 10`` of each class (0: none of that kind)."""
+    sets = []
+    if png:
+        sets.append(("fmnist-png-28", write_folder(workdir / f"fmnist_png_{png}", "train", png // 10)))
+    if jpeg:
+        sets.append(("jpeg-500x375", jpeg_folder(workdir, jpeg)))
+    if big:
+        sets.append(("jpeg-4032x3024", jpeg_folder(workdir, big, (4032, 3024))))
+    return sets

@@ -121,14 +121,7 @@ def main() -> None:
     else:
         import fashion
 
-        work = Path(args.workdir)
-        sets = []
-        if args.png:
-            sets.append(
-                ("png-28x28", fashion.write_folder(work / f"fmnist_png_{args.png}", "train", args.png // 10))
-            )
-        if args.big:
-            sets.append(("jpeg-4032x3024", fashion.jpeg_folder(work, args.big, (4032, 3024))))
+        sets = fashion.image_sets(Path(args.workdir), png=args.png, big=args.big)
     print(
         f"{args.backbone}, OpenVINO, {cores} cores; decode: core ms per image (one thread); network: img/s "
         f"alone (batches of {BATCH}), net ms = its core ms per image; bound = {cores} / (decode + net)"
