@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    from featcache.models import Family
 
 _CLIENTS: dict[str, Any] = {}
 
@@ -52,7 +55,7 @@ class Fits:
     :class:`~featcache.models.Family`, sent to worker processes with it), the pipeline parameters
     fixed on every fit, the seed, and the BLAS threads of each fit (None: the family's)."""
 
-    family: Any
+    family: Family
     fixed: dict[str, Any]
     seed: int
     blas_threads: int | None = None
@@ -66,7 +69,7 @@ class Task:
     settings: tuple[int, ...]
 
 
-def chains(grid: list[dict[str, Any]], family: Any) -> list[tuple[int, ...]]:
+def chains(grid: list[dict[str, Any]], family: Family) -> list[tuple[int, ...]]:
     """The grid's settings (indices) in chains: those equal but for the family's ``warm_start``
     parameter (ascending in it) or its ``one_fit`` parameter (in the family's grid order)."""
     along = family.warm_start or family.one_fit
@@ -89,7 +92,7 @@ PARALLEL_CELLS = 2**22
 them takes about a second (a 400-image demo's logreg CV: 1.0 s alone, 1.8 s with them)."""
 
 
-def local_workers(family: Any, tasks: int, X: Any) -> int:
+def local_workers(family: Family, tasks: int, X: Any) -> int:
     """How many processes run ``tasks`` of ``family``'s cross-validation on features ``X`` (an array,
     or maps still on disk) without a scheduler: one per core for a family that fits with one BLAS
     thread (its fits use one core each) on :data:`PARALLEL_CELLS` values or more, else one (this
@@ -126,14 +129,15 @@ def run_chain(
     threads = fits.blas_threads if fits.blas_threads is not None else family.blas_threads
     for n, params in enumerate(settings):
         pipe.set_params(**params)
+        fitting = n == 0 or family.one_fit is None  # else the first fit holds this setting's model too
         with warnings.catch_warnings(record=True) as caught, threadpool_limits(threads, "blas"):
             warnings.simplefilter("always")
-            if n == 0 or family.one_fit is None:  # else the first fit holds this setting's model too
+            if fitting:
                 pipe.fit(X_train, y_train, **(on_epoch or {}))
             logits = class_logits(pipe, X_test)
         stopped = [issubclass(w.category, ConvergenceWarning) for w in caught]
         others += [(str(w.message), w.category) for w, s in zip(caught, stopped, strict=True) if not s]
-        out.append((logits, int(any(stopped)) if n == 0 or family.one_fit is None else out[0][1]))
+        out.append((logits, int(any(stopped)) if fitting else out[0][1]))
     return out, others
 
 
@@ -145,13 +149,13 @@ def cross_validate_settings(
     grid: list[dict[str, Any]],
     on_epoch: dict[str, Any] | None = None,
     scheduler: str | None = None,
-    on_task: Callable[[Task], None] | None = None,
 ) -> tuple[list[np.ndarray], list[int]]:
     """Every setting of ``grid``'s out-of-fold logits (N×K) and its number of unconverged fits.
 
-    ``on_epoch`` (fit parameters that follow the epochs) is used when the tasks run in this process
-    one after the other; with a ``scheduler``, or in worker processes (see :func:`local_workers`),
-    ``on_task`` is called as each task finishes instead. Maps still on disk (a
+    ``on_epoch`` (the fit parameter ``clf__on_epoch``, called with a number of epochs done) follows
+    the fits when the tasks run in this process one after the other; with a ``scheduler``, or in
+    worker processes (see :func:`local_workers`), it is called as each task finishes, with the
+    epochs of its fits. Maps still on disk (a
     :class:`~featcache.cache.RowView`) are read by the workers from the cache file, which they must
     see at the same path."""
     family = fits.family
@@ -159,6 +163,8 @@ def cross_validate_settings(
     tasks = [Task(f, chain) for f in range(len(folds)) for chain in chains(grid, family)]
     logits = [np.zeros((len(y), len(classes))) for _ in grid]
     unconverged = [0] * len(grid)
+    workers = local_workers(family, len(tasks), X) if scheduler is None else 0
+    advance = (on_epoch or {}).get("clf__on_epoch")
 
     def collect(task: Task, chain: ChainResult) -> None:
         results, others = chain
@@ -168,13 +174,13 @@ def cross_validate_settings(
         for i, (z, n) in zip(task.settings, results, strict=True):
             logits[i][test] = z
             unconverged[i] += n
-        if on_task:
-            on_task(task)
+        if advance and workers != 1:  # the fits ran elsewhere: their epochs, now they are done
+            advance(family.epochs * (1 if family.one_fit else len(task.settings)))
 
     def settings_of(task: Task) -> list[dict[str, Any]]:
         return [grid[i] for i in task.settings]
 
-    workers = local_workers(family, len(tasks), X) if scheduler is None else 0
+    one_thread = dataclasses.replace(fits, blas_threads=1)  # elsewhere: a worker per core
     if workers == 1:
         for task in tasks:
             collect(task, run_chain(fits, X, y, folds[task.fold], settings_of(task), on_epoch))
@@ -182,7 +188,6 @@ def cross_validate_settings(
     if workers > 1:
         from joblib import Parallel, delayed
 
-        one_thread = dataclasses.replace(fits, blas_threads=1)
         run = delayed(run_chain)
         # joblib hands large arrays to its worker processes as memory maps of one file
         results = Parallel(n_jobs=workers, return_as="generator")(
@@ -196,7 +201,6 @@ def cross_validate_settings(
 
     from featcache.cache import RowView
 
-    one_thread = dataclasses.replace(fits, blas_threads=1)  # a worker per core
     with cluster(scheduler) as client:
         y_there = client.scatter(y, broadcast=True)
         X_there = X if isinstance(X, RowView) else client.scatter(np.asarray(X), broadcast=True)

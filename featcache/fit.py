@@ -356,19 +356,12 @@ def _cross_validate_grid(
     :mod:`featcache.crossval`: warm-started chains, here or on the plan's Dask cluster)."""
     from sklearn.model_selection import ParameterGrid
 
-    from featcache.crossval import Fits, cross_validate_settings, local_workers
+    from featcache.crossval import Fits, cross_validate_settings
 
     settings = list(ParameterGrid(grid))
     fits = Fits(family, fixed or {}, plan.seed)
-    on_task = None
-    elsewhere = plan.scheduler is not None or local_workers(family, len(plan.folds), X) > 1
-    if elsewhere and on_epoch:
-        advance = on_epoch["clf__on_epoch"]
-        fits_per_task = 1 if family.one_fit else None
-        on_task = lambda task: advance(family.epochs * (fits_per_task or len(task.settings)))  # noqa: E731
-    all_logits, unconverged = cross_validate_settings(
-        fits, X, y, plan.folds, settings, None if elsewhere else on_epoch, plan.scheduler, on_task
-    )
+    logits_and_counts = cross_validate_settings(fits, X, y, plan.folds, settings, on_epoch, plan.scheduler)
+    all_logits, unconverged = logits_and_counts
     scored, results = [], []
     classes = np.unique(y)
     for params, logits, n in zip(settings, all_logits, unconverged, strict=True):
