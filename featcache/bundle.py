@@ -13,6 +13,7 @@ plain parts (the identity, the class folders, the linear head) does not import s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +36,7 @@ from featcache._version import __version__
 from featcache.backbones.identity import BackboneIdentity, tuned_id
 from featcache.choices import DEFAULT_MODEL
 from featcache.dataset import LabelMap
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.files import replaced_atomically
 from featcache.head import LinearHead
 from featcache.outliers import OutlierScore
@@ -201,12 +203,24 @@ class ModelBundle:
             return self.predict(rows)
         return [str(c) for c in self.pipeline.predict(rows)] if len(rows) else []
 
-    def backbone(self, **options: Any) -> Any:
+    def backbone(self, precision: str | None = None, **options: Any) -> Any:
         """The backbone that makes this model's features from pixels, built by
-        :func:`featcache.backbones.build.build_backbone` with ``options`` (device, engine, ...)."""
+        :func:`featcache.backbones.build.build_backbone` with ``options`` (device, engine, ...).
+        ``precision`` (None: the one the model was fit with) runs it in another arithmetic, with a
+        warning: the features then differ from the ones the model learnt from."""
         from featcache.backbones.build import build_backbone
 
-        return build_backbone(self.identity, top=self.top, **options)
+        identity = self.identity
+        if precision is not None and precision != identity.precision:
+            warnings.warn(
+                f"the model was fit on {identity.precision} features and its backbone runs in {precision} "
+                "here: the features differ slightly from the ones it learnt from (evaluating the model "
+                "on a labelled folder with the same precision says what that costs)",
+                FeatcacheWarning,
+                stacklevel=3,
+            )
+            identity = dataclasses.replace(identity, precision=precision)
+        return build_backbone(identity, top=self.top, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """The bundle as plain types (what is pickled)."""

@@ -11,7 +11,8 @@ DEFAULT_MODEL = "models/best.joblib"
 FAMILIES = ("logreg", "linsvm", "softmax", "finetune")
 MODELS = (*FAMILIES, "all")
 POOLS = ("avg", "max", "avgmax")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
+"""``int8`` runs on the OpenVINO engine only (quantised with NNCF)."""
 DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("auto", "openvino", "torch")

@@ -74,11 +74,13 @@ def evaluate(
     workers: int = 2,
     device: str = "auto",
     engine: str = "auto",
+    precision: str | None = None,
 ) -> Evaluation:
     """Score the model at ``model_path`` on a feature cache or on a labelled image folder.
 
     A cache must have been made with the model's backbone identity; a folder's images are
-    classified exactly as ``predict`` classifies them (nothing is written).
+    classified exactly as ``predict`` classifies them (nothing is written), their backbone in
+    ``precision`` (None: the model's).
     """
     source = Path(source)
     if not source.exists():
@@ -87,7 +89,8 @@ def evaluate(
     if source.is_dir():
         from featcache.predictor import Predictor
 
-        predictor = Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers)
+        predictor = Predictor(bundle, device=device, engine=engine, batch_size=batch_size, workers=workers,
+                              precision=precision)  # fmt: skip
         paths, truth, predicted, unknown, skipped = _predict_folder(predictor, source)
     else:
         from featcache.families import FAMILIES

@@ -84,6 +84,7 @@ class Predictor:
         workers: int = 2,
         engine: str = "auto",
         min_confidence: float | None = None,
+        precision: str | None = None,
     ):
         if min_confidence is not None and not (
             isinstance(min_confidence, int | float) and 0 <= min_confidence <= 1
@@ -98,7 +99,7 @@ class Predictor:
         self.feature_dtype = np.dtype(bundle.feature_dtype)
         self.batch_size = batch_size
         self.workers = workers
-        self.backbone = bundle.backbone(device=device, engine=engine)
+        self.backbone = bundle.backbone(precision, device=device, engine=engine)
 
     @classmethod
     def load(
@@ -109,11 +110,13 @@ class Predictor:
         workers: int = 2,
         engine: str = "auto",
         min_confidence: float | None = None,
+        precision: str | None = None,
     ) -> Predictor:
         """Load a verified model bundle (a file, or the folder ``fit`` wrote) and build its backbone
-        on ``engine`` (see :func:`featcache.backbones.build.build_backbone`)."""
+        on ``engine`` (see :func:`featcache.backbones.build.build_backbone`), in ``precision``
+        (None: the model's; see :meth:`ModelBundle.backbone`)."""
         bundle = load_bundle(path)
-        return cls(bundle, device, batch_size, workers, engine, min_confidence)
+        return cls(bundle, device, batch_size, workers, engine, min_confidence, precision)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         # rounded through the cache dtype the model was fit on (float16 caches are mirrored)

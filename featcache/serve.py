@@ -40,7 +40,7 @@ class ServeSettings:
     """What :func:`create_app` serves and how: ``token`` (None: no authentication) is required as
     ``Authorization: Bearer TOKEN`` by every route but ``/health`` and the page itself; bodies
     over ``max_upload_mb`` are refused; up to ``max_batch`` images that arrive together share
-    one pass through the network."""
+    one pass through the network, which runs in ``precision`` (None: the model's)."""
 
     model_path: str | os.PathLike = DEFAULT_MODEL
     token: str | None = None
@@ -48,6 +48,7 @@ class ServeSettings:
     max_batch: int = 32
     engine: str = "auto"
     device: str = "auto"
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if not self.max_upload_mb > 0:
@@ -83,7 +84,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         from featcache.predictor import Predictor
 
         try:
-            state.predictor = Predictor(state.bundle, device=settings.device, engine=settings.engine)
+            state.predictor = Predictor(state.bundle, device=settings.device, engine=settings.engine,
+                                        precision=settings.precision)  # fmt: skip
             state.ready_after = time.monotonic() - state.started
         except Exception as e:  # reported by /health, the server stays up
             state.error = f"{type(e).__name__}: {e}"

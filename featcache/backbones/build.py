@@ -60,7 +60,7 @@ def build_backbone(
     (``4,5,6,last``): each layer is pooled with ``pool`` and the vectors are concatenated (see
     :meth:`~featcache.backbones.identity.BackboneEntry.resolve_layers`). With ``maps`` (a stage
     index), the backbone also returns that stage's maps (``embed_maps``). ``precision`` is
-    ``fp32`` or ``bf16``; ``device`` is ``cpu``,
+    ``fp32``, ``bf16`` or ``int8`` (OpenVINO only: quantised with NNCF); ``device`` is ``cpu``,
     ``cuda`` or ``auto``. ``engine`` is ``openvino`` (CPU only), ``torch``, or ``auto``: PyTorch
     on CUDA, else OpenVINO. With ``traced``, PyTorch on the CPU loads a saved trace instead of
     building the network. ``optimize=False`` keeps the PyTorch network exactly as built (no
@@ -91,6 +91,11 @@ def build_backbone(
     except ValueError as e:
         raise FeatcacheError(str(e)) from None
     weights = weights or entry.default_weights
+    if precision == "int8" and optimize and engine != "openvino":
+        raise FeatcacheError(
+            f"precision 'int8' runs on the OpenVINO engine, on the CPU (this would run on {engine}, "
+            f"{device}): pass engine='openvino' and device='cpu', or precision='fp32' or 'bf16'"
+        )
     if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
         warnings.warn(
             "this CPU has no bfloat16 instructions (AMX or AVX512-BF16): bf16 runs here, "
@@ -114,7 +119,7 @@ def build_backbone(
         label, path = resolve_weights(entry, weights, download=download, on_progress=on_download)
         sha = file_sha256(path)
     # the network PyTorch runs, or the fp32 one OpenVINO converts
-    arithmetic = "fp32" if engine == "openvino" else precision
+    arithmetic = "fp32" if engine == "openvino" or precision == "int8" else precision
     tuned = (wanted.tuned_stage, top) if wanted is not None and top is not None else None
     spec = dataclasses.replace(spec, weights=label, layers=layers, precision=arithmetic)
     net = _eager(entry, spec, (path, sha), device, optimize, tuned)
@@ -133,6 +138,8 @@ def build_backbone(
             return save_openvino(net, identity)
         except Exception as e:  # any network the converter cannot take runs in PyTorch
             why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            if precision == "int8":
+                raise FeatcacheError(f"{entry.name} cannot run in int8 on OpenVINO ({why})") from None
             warnings.warn(
                 f"{entry.name} does not run on OpenVINO ({why}); running it in PyTorch instead",
                 FeatcacheWarning,

@@ -3,15 +3,18 @@
 The folded network with its pooling (and, for a cache that keeps them, a stage's maps as a second
 output), and the normalisation of uint8 pixels in front of it, is
 converted once to OpenVINO IR and kept in :func:`featcache.files.user_cache_dir`, one folder per
-backbone identity (precision aside: it is chosen when the model is compiled), OpenVINO version
-and featcache version. The IR is saved only after it has reproduced the PyTorch network's
-embeddings (cosine at least :data:`MIN_COSINE`), its folder appears whole or not at all, and a
-manifest of its files' SHA-256 is checked before each use: a damaged IR is rebuilt, never run. Running it
-needs OpenVINO and NumPy, not torch.
+backbone identity (fp32 and bf16 share one: bf16 is chosen when the model is compiled), OpenVINO
+version and featcache version. The IR is saved only after it has reproduced the PyTorch network's
+embeddings (cosine at least :data:`MIN_COSINE`). An ``int8`` identity has a folder of its own:
+the fp32 IR quantised by :mod:`featcache.backbones.quantize`, kept only when its embeddings are
+within :data:`~featcache.backbones.quantize.MIN_MEAN_COSINE` of fp32's. Each folder appears whole
+or not at all, and a manifest of its files' SHA-256 is checked before each use: a damaged IR is
+rebuilt, never run. Running it needs OpenVINO and NumPy, not torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +30,7 @@ from openvino.preprocess import PrePostProcessor
 from featcache._version import __version__
 from featcache.backbones.embedder import Described
 from featcache.backbones.identity import BackboneIdentity, digest
+from featcache.errors import FeatcacheError
 from featcache.files import file_sha256, user_cache_dir
 
 if TYPE_CHECKING:
@@ -35,14 +39,15 @@ if TYPE_CHECKING:
 MIN_COSINE = 0.99999
 """How close the IR's fp32 embeddings must be to PyTorch's (the lowest cosine over a probe batch)."""
 _FILES = ("model.xml", "model.bin")
-_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: what is not quantised runs in f32
 
 
 def ir_folder(identity: BackboneIdentity) -> Path:
     """Where the IR of the backbone ``identity`` describes is kept."""
-    described = {**identity.to_dict(), "precision": None}  # one graph serves both precisions
+    int8 = identity.precision == "int8"
+    described = {**identity.to_dict(), "precision": "int8" if int8 else None}  # fp32's graph serves bf16
     key = digest(described, ov.__version__, __version__)
-    return user_cache_dir() / "openvino" / f"{identity.backbone}-{key}"
+    return user_cache_dir() / "openvino" / f"{identity.backbone}{'-int8' if int8 else ''}-{key}"
 
 
 class OpenVINOBackbone(Described):
@@ -78,9 +83,13 @@ class OpenVINOBackbone(Described):
 
 def load_openvino(identity: BackboneIdentity) -> OpenVINOBackbone | None:
     """The saved IR of ``identity`` compiled in its precision, or None when there is none, or when its
-    files do not match their manifest (it is then rebuilt by whoever asked)."""
+    files do not match their manifest (it is then rebuilt by whoever asked). An ``int8`` IR that is
+    missing or damaged is quantised again from the fp32 IR when that is intact."""
     folder = ir_folder(identity)
     if not _intact(folder):
+        fp32 = ir_folder(dataclasses.replace(identity, precision="fp32"))
+        if identity.precision == "int8" and _intact(fp32):  # quantised from it, without torch
+            return _quantized(ov.Core().read_model(fp32 / "model.xml"), identity)
         return None
     try:
         return OpenVINOBackbone(_compile(ov.Core().read_model(folder / "model.xml"), identity), identity)
@@ -127,10 +136,32 @@ def save_openvino(net: EagerBackbone, identity: BackboneIdentity) -> OpenVINOBac
         cosine = float(np.min(np.sum(expected * got, 1) / norms))
         if not cosine >= MIN_COSINE:
             raise RuntimeError(f"the OpenVINO model's {what} are off (cosine {cosine:.7f} < {MIN_COSINE})")
-    _write(model, ir_folder(identity))
+    _write(model, ir_folder(net.identity))
     if identity.precision == "fp32":
         return fp32
+    if identity.precision == "int8":
+        return _quantized(model, identity)
     return OpenVINOBackbone(_compile(model, identity), identity)
+
+
+def _quantized(model: ov.Model, identity: BackboneIdentity) -> OpenVINOBackbone:
+    """The fp32 IR ``model`` quantised to INT8, checked against it on the calibration images and
+    saved as ``identity``'s (an ``int8`` one); a :class:`FeatcacheError` when it is too far from fp32."""
+    from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels, mean_cosine, quantize_int8
+
+    fp32 = dataclasses.replace(identity, precision="fp32")
+    calibration = calibration_pixels(fp32.preprocessing)
+    int8 = quantize_int8(model, calibration)
+    expected = OpenVINOBackbone(_compile(model, fp32), fp32)
+    got = OpenVINOBackbone(_compile(int8, identity), identity)
+    batches = [calibration[i : i + 32] for i in range(0, len(calibration), 32)]
+    cosine = mean_cosine(*(np.concatenate([b.embed(x) for x in batches]) for b in (expected, got)))
+    if not cosine >= MIN_MEAN_COSINE:
+        raise FeatcacheError(
+            f"the INT8 network's embeddings are off (mean cosine {cosine:.4f} < {MIN_MEAN_COSINE})"
+        )
+    _write(int8, ir_folder(identity))
+    return got
 
 
 def _compile(model: ov.Model, identity: BackboneIdentity, precision: str | None = None) -> ov.CompiledModel:

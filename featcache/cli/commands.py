@@ -17,6 +17,7 @@ from featcache.cli.options import (
     device_option,
     engine_option,
     model_path_option,
+    precision_option,
     scheduler_option,
 )
 from featcache.cli.progress import EpochBar, ProgressBar
@@ -118,9 +119,9 @@ def backbones(layers_of: str | None) -> None:
     "--precision",
     type=click.Choice(choices.PRECISIONS),
     default=None,
-    help="Arithmetic of the backbone: bf16 autocast is faster on CPUs with bfloat16 units and "
-    "on GPUs, and changes the features slightly (the model's predictions use the same). "
-    "Default: the cache's, else fp32.",
+    help="Arithmetic of the backbone: bf16 is faster on CPUs with bfloat16 units and on GPUs; "
+    "int8 (OpenVINO, quantised once with NNCF) is faster on any recent CPU. Both change the features "
+    "slightly; a model fit on them predicts with the same. Default: the cache's, else fp32.",
 )
 @batch_size_option("Images per forward pass.")
 @click.option(
@@ -472,7 +473,10 @@ def fit(
 @batch_size_option("Images per forward pass (image folders only).")
 @device_option("Where the backbone runs (image folders only).")
 @engine_option("What runs the backbone (image folders only).")
-def evaluate(source: str, model_path: str, batch_size: int, device: str, engine: str) -> None:
+@precision_option(" (image folders only)")
+def evaluate(
+    source: str, model_path: str, batch_size: int, device: str, engine: str, precision: str | None
+) -> None:
     """Score a saved model on a feature cache or a labelled image folder.
 
     SOURCE is a cache made with the model's backbone, or a folder laid out like the training
@@ -482,7 +486,10 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str, engine:
     from featcache.fit import evaluate as run_evaluate
 
     echo_evaluation(
-        source, run_evaluate(source, model_path, batch_size=batch_size, device=device, engine=engine)
+        source,
+        run_evaluate(
+            source, model_path, batch_size=batch_size, device=device, engine=engine, precision=precision
+        ),
     )
 
 
@@ -500,6 +507,7 @@ def evaluate(source: str, model_path: str, batch_size: int, device: str, engine:
 @batch_size_option("Images per forward pass.")
 @device_option("Where the backbone runs; auto picks CUDA when available.")
 @engine_option("What runs the backbone.")
+@precision_option("")
 def predict(
     paths: tuple[str, ...],
     model_path: str,
@@ -509,6 +517,7 @@ def predict(
     batch_size: int,
     device: str,
     engine: str,
+    precision: str | None,
 ) -> None:
     """Classify image files and folders (recursively) with a saved model.
 
@@ -520,8 +529,9 @@ def predict(
     from featcache.predictor import Predictor
 
     predictor = Predictor.load(
-        model_path, device=device, batch_size=batch_size, engine=engine, min_confidence=min_confidence
-    )
+        model_path, device=device, batch_size=batch_size, engine=engine, min_confidence=min_confidence,
+        precision=precision,
+    )  # fmt: skip
     failed = 0
     for p in predictor.predict_files(paths, top_k=top_k):
         failed += p.error is not None
@@ -717,9 +727,10 @@ def export(model_path: str, output: str) -> None:
 )  # fmt: skip
 @device_option("Where the backbone runs.")
 @engine_option("What runs the backbone.")
+@precision_option("")
 def serve(
     model_path: str, host: str, port: int, token: str | None, max_upload_mb: float, max_batch: int,
-    device: str, engine: str,
+    device: str, engine: str, precision: str | None,
 ) -> None:  # fmt: skip
     """Serve the model over HTTP: a web page at /, POST /predict, GET /model, GET /health, docs at /docs.
 
@@ -731,7 +742,7 @@ def serve(
 
     check_address(host, port)
     settings = ServeSettings(model_path, token=token, max_upload_mb=max_upload_mb, max_batch=max_batch,
-                             engine=engine, device=device)  # fmt: skip
+                             engine=engine, device=device, precision=precision)  # fmt: skip
     app = create_app(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     click.echo(

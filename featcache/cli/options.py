@@ -41,6 +41,16 @@ def engine_option(help_text: str):
     )
 
 
+def precision_option(what: str):
+    return click.option(
+        "--precision",
+        type=click.Choice(choices.PRECISIONS),
+        default=None,
+        help=f"Arithmetic of the backbone{what}. Default: the one the model was fit with; another one "
+        "warns, since the features then differ slightly from the ones the model learnt from.",
+    )
+
+
 def scheduler_option(what: str):
     return click.option(
         "--scheduler",
