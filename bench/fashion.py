@@ -66,12 +66,17 @@ def jpeg_folder(workdir: Path, n: int, size: tuple[int, int] = (500, 375)) -> Pa
     return write_folder(workdir / f"fmnist_jpeg{size[0]}_{n}", "train", n // 10, size, "JPEG")
 
 
-def image_sets(workdir: Path, png: int = 0, jpeg: int = 0, big: int = 0) -> list[tuple[str, Path]]:
-    """The benchmark image folders asked for, named: ``png`` 28x28 PNGs, ``jpeg`` 500x375 JPEGs and
-    ``big`` 4032x3024 (12 MP) JPEGs, ``n // 10`` of each class (0: none of that kind)."""
+def image_sets(
+    workdir: Path, png: int = 0, jpeg: int = 0, big: int = 0, square: int = 0
+) -> list[tuple[str, Path]]:
+    """The benchmark image folders asked for, named: ``png`` 28x28 PNGs, ``square`` 300x300 JPEGs,
+    ``jpeg`` 500x375 JPEGs and ``big`` 4032x3024 (12 MP) JPEGs, ``n // 10`` of each class (0: none
+    of that kind)."""
     sets = []
     if png:
         sets.append(("fmnist-png-28", write_folder(workdir / f"fmnist_png_{png}", "train", png // 10)))
+    if square:
+        sets.append(("jpeg-300x300", jpeg_folder(workdir, square, (300, 300))))
     if jpeg:
         sets.append(("jpeg-500x375", jpeg_folder(workdir, jpeg)))
     if big:

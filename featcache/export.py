@@ -35,6 +35,15 @@ OOD_OUTPUT = "ood_score"
 ``threshold`` (metadata) the image is unlike the training images."""
 MAX_DIFFERENCE = 1e-4
 """The largest difference allowed between the file's probabilities and ``featcache predict``'s (fp32)."""
+MAX_INT8_DIFFERENCE = 0.1
+"""An INT8 file's allowance: the mean over the check images of their largest probability difference.
+ONNX Runtime's quantised network and OpenVINO's are quantised apart, so an image near a decision
+boundary can differ by more (measured: a mean of 0.03 to 0.05, as close as OpenVINO's INT8
+predictions are to fp32's)."""
+MIN_INT8_AGREEMENT = 0.9
+"""The share of the check images whose best class, and whose unknown verdict (ood_score above the
+threshold or not), an INT8 file must give as ``featcache predict`` does."""
+PRECISIONS = ("fp32", "int8")
 OPSET = 17
 
 
@@ -42,13 +51,19 @@ OPSET = 17
 class ExportResult:
     """What :func:`export` wrote and how closely it agrees with ``featcache predict``: the largest
     absolute difference of any probability over ``n_checked`` images, the share of them whose
-    best class agrees, and the largest difference of an ``ood_score`` (None: the model has none)."""
+    best class agrees, and the largest difference of an ``ood_score`` (None: the model has none);
+    ``same_verdict`` is the share whose unknown verdict agrees (None: no ood_score);
+    ``mean_difference`` the mean of each image's largest probability difference; ``precision``
+    is the network's in the file."""
 
     path: Path
     max_difference: float
     n_checked: int
     same_label: float
     ood_difference: float | None = None
+    precision: str = "fp32"
+    same_verdict: float | None = None
+    mean_difference: float = 0.0
 
 
 def metadata(bundle: ModelBundle) -> dict[str, str]:
@@ -75,14 +90,19 @@ def export(
     model_path: str | os.PathLike = DEFAULT_MODEL,
     output: str | os.PathLike = "model.onnx",
     check_pixels: np.ndarray | None = None,
+    precision: str | None = None,
 ) -> ExportResult:
     """Write the model at ``model_path`` (with its backbone) to the ONNX file ``output``.
 
-    The file is kept only if ONNX Runtime gives the probabilities of ``featcache predict`` on
-    ``check_pixels`` (default: the demo images that ship with featcache, at the model's input
-    size) within :data:`MAX_DIFFERENCE` (fp32 models; bf16 ones are exported in fp32 and checked
-    against an fp32 predictor). Raises :class:`FeatcacheError` when the model has no linear head
-    or the file does not agree.
+    ``precision`` is ``fp32`` or ``int8`` (None: ``int8`` for a model fit on INT8 features, else
+    ``fp32``; a bf16 model is exported in fp32). An ``int8`` file's network is quantised with NNCF
+    on the calibration images of :mod:`featcache.backbones.quantize` (QuantizeLinear and
+    DequantizeLinear pairs), its head stays in float. The file is kept only if ONNX Runtime gives
+    the probabilities of ``featcache predict`` (in the same precision) on ``check_pixels``
+    (default: the demo images that ship with featcache, at the model's input size) within
+    :data:`MAX_DIFFERENCE` (int8: within :data:`MAX_INT8_DIFFERENCE`, the same best class for
+    :data:`MIN_INT8_AGREEMENT` of them). Raises :class:`FeatcacheError` when the model has no
+    linear head or the file does not agree.
     """
     import onnx
     import onnxruntime
@@ -96,8 +116,12 @@ def export(
             f"{model_path}: its pipeline did not reduce to scaling and a linear map when it was fit, "
             "so it cannot be exported; refit it with this featcache"
         )
+    precision = precision or ("int8" if bundle.identity.precision == "int8" else "fp32")
+    if precision not in PRECISIONS:
+        raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     output = writable_file(output)
     fp32 = dataclasses.replace(bundle, identity=dataclasses.replace(bundle.identity, precision="fp32"))
+    exported = dataclasses.replace(bundle, identity=dataclasses.replace(bundle.identity, precision=precision))
     net = fp32.backbone(device="cpu", engine="torch", traced=False)
     module = _classifier(net, bundle).eval()
     size = bundle.identity.preprocessing.size
@@ -112,24 +136,57 @@ def export(
                 dynamo=False,
             )  # fmt: skip
         model = onnx.load(str(tmp))
+        if precision == "int8":
+            from featcache.backbones.quantize import calibration_pixels, quantize_onnx
+
+            model = quantize_onnx(model, calibration_pixels(bundle.identity.preprocessing), INPUT)
         model.doc_string = f"featcache {bundle.family} classifier of {len(bundle.folders)} classes"
-        for key, value in metadata(bundle).items():
+        for key, value in metadata(exported).items():
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, str(tmp))
         pixels = _check_pixels(bundle) if check_pixels is None else check_pixels
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run(outputs, {INPUT: pixels})
-        expected, expected_ood = Predictor(fp32, device="cpu").score_pixels(pixels)
-        difference = float(np.abs(got[0] - expected).max())
+        expected, expected_ood = Predictor(exported, device="cpu").score_pixels(pixels)
+        per_image = np.abs(got[0] - expected).max(axis=1)
+        difference, typical = float(per_image.max()), float(per_image.mean())
         same = float(np.mean(got[0].argmax(axis=1) == expected.argmax(axis=1)))
-        ood_difference = None if expected_ood is None else float(np.abs(got[1] - expected_ood).max())
-        for what, value in (("probabilities", difference), ("ood_score", ood_difference)):
-            if value is not None and not value <= MAX_DIFFERENCE:
-                raise FeatcacheError(
-                    f"the exported model's {what} differ from featcache predict's by {value:.2g} "
-                    f"(allowed: {MAX_DIFFERENCE:g}); nothing was written"
-                )
-    return ExportResult(output, difference, len(pixels), same, ood_difference)
+        ood_difference, same_verdict = None, None
+        if expected_ood is not None:
+            ood_difference = float(np.abs(got[1] - expected_ood).max())
+            threshold = bundle.outlier.threshold
+            same_verdict = float(np.mean((got[1] > threshold) == (expected_ood > threshold)))
+        checked = typical if precision == "int8" else difference
+        _check_agreement(precision, checked, same, ood_difference, same_verdict)
+    return ExportResult(
+        output, difference, len(pixels), same, ood_difference, precision, same_verdict, typical
+    )
+
+
+def _check_agreement(
+    precision: str, difference: float, same: float, ood_difference: float | None, same_verdict: float | None
+) -> None:
+    """Raise :class:`FeatcacheError` when the file's results are further from predict's than
+    ``precision`` allows: fp32 every probability and ood_score within :data:`MAX_DIFFERENCE`; int8
+    the probabilities as :data:`MAX_INT8_DIFFERENCE` says (``difference`` is then the mean of each
+    image's largest), and the best classes and unknown verdicts."""
+    int8 = precision == "int8"
+    checks = [("probabilities", difference, MAX_INT8_DIFFERENCE if int8 else MAX_DIFFERENCE)]
+    if not int8:
+        checks.append(("ood_score", ood_difference, MAX_DIFFERENCE))
+    for what, value, limit in checks:
+        if value is not None and not value <= limit:
+            raise FeatcacheError(
+                f"the exported model's {what} differ from featcache predict's by {value:.2g}"
+                f"{' on average' if int8 else ''} (allowed: {limit:.2g}); nothing was written"
+            )
+    agreements = (("best class", same), ("unknown verdict", same_verdict)) if int8 else ()
+    for what, share in agreements:
+        if share is not None and not share >= MIN_INT8_AGREEMENT:
+            raise FeatcacheError(
+                f"the exported model gives featcache predict's {what} for {share:.0%} of the check images "
+                f"(at least {MIN_INT8_AGREEMENT:.0%} required); nothing was written"
+            )
 
 
 def _check_pixels(bundle: ModelBundle) -> np.ndarray:

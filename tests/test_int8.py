@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 from conftest import make_dataset
 from PIL import Image
@@ -18,6 +20,7 @@ from featcache.backbones.openvino_engine import OpenVINOBackbone, ir_folder
 from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels, mean_cosine
 from featcache.cache import read_cache
 from featcache.errors import FeatcacheError, FeatcacheWarning
+from featcache.export import MAX_INT8_DIFFERENCE, MIN_INT8_AGREEMENT, export
 from featcache.extract import extract
 from featcache.fit import fit
 from featcache.images import resize
@@ -103,3 +106,25 @@ def test_a_model_fit_on_int8_features_predicts_with_the_int8_network(int8_model)
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith(one), out.stderr
     assert "warning: the model was fit on int8 features and its backbone runs in fp32" in out.stderr
+
+
+def test_the_int8_onnx_export_is_quantised_and_agrees_with_predict(int8_model, tmp_path):
+    data, cache, model_path = int8_model
+    result = export(model_path, tmp_path / "int8.onnx")  # a model fit on INT8 features: int8 by default
+    fp32 = export(model_path, tmp_path / "fp32.onnx", precision="fp32")
+    assert (result.precision, fp32.precision) == ("int8", "fp32")
+    graph = onnx.load(str(result.path)).graph
+    assert sum(node.op_type == "QuantizeLinear" for node in graph.node) >= 40  # every convolution's input
+    assert result.path.stat().st_size < fp32.path.stat().st_size / 2
+    assert result.mean_difference <= MAX_INT8_DIFFERENCE and result.same_label >= MIN_INT8_AGREEMENT
+    assert result.mean_difference <= result.max_difference <= 1
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["featcache.identity"])["precision"] == "int8"
+    predictor = Predictor.load(model_path, device="cpu")
+    files = [str(data / p) for p in read_cache(cache).paths]
+    pixels = np.stack([resize(Image.open(f).convert("RGB"), predictor.backbone.preprocessing) for f in files])
+    got = session.run(["probabilities"], {"pixels": pixels})[0]
+    expected = predictor.predict_proba(list(pixels))
+    assert np.abs(got - expected).max(axis=1).mean() <= MAX_INT8_DIFFERENCE  # on the training images too
+    assert np.mean(got.argmax(1) == expected.argmax(1)) >= MIN_INT8_AGREEMENT

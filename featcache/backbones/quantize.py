@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import openvino as ov
@@ -21,6 +22,9 @@ from PIL import Image
 
 from featcache.images import resize
 from featcache.preprocessing import Preprocessing
+
+if TYPE_CHECKING:
+    import onnx
 
 CALIBRATION_IMAGES = 300
 """How many images calibrate the quantisation (NNCF's default subset size)."""
@@ -54,15 +58,29 @@ def calibration_pixels(prep: Preprocessing, n: int = CALIBRATION_IMAGES) -> np.n
 
 def quantize_int8(model: ov.Model, calibration: np.ndarray) -> ov.Model:
     """``model`` (uint8 NHWC pixels in) with its weights and activations quantised to INT8,
-    calibrated on ``calibration`` (from :func:`calibration_pixels`). NNCF's progress bars and
-    log lines are kept off the caller's terminal."""
+    calibrated on ``calibration`` (from :func:`calibration_pixels`)."""
+    return _quantize(model, [calibration[i : i + 1] for i in range(len(calibration))])
+
+
+def quantize_onnx(model: onnx.ModelProto, calibration: np.ndarray, input_name: str) -> onnx.ModelProto:
+    """The ONNX classifier ``model`` (uint8 NHWC pixels in) with its network quantised to INT8 as
+    QuantizeLinear/DequantizeLinear pairs, calibrated on ``calibration``; its matrix products (the
+    linear head, the out-of-distribution projection) stay in float."""
+    import nncf
+
+    items = [{input_name: calibration[i : i + 1]} for i in range(len(calibration))]
+    return _quantize(model, items, ignored_scope=nncf.IgnoredScope(types=["MatMul"], validate=False))
+
+
+def _quantize(model, items: list, **options):
+    """NNCF's quantisation of ``model`` on the calibration ``items``, its progress bars and log lines
+    kept off the caller's terminal."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on import
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return nncf.quantize(model, dataset, subset_size=len(calibration))
+        return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **options)
 
 
 def mean_cosine(expected: np.ndarray, got: np.ndarray) -> float:
