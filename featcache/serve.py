@@ -116,8 +116,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"status": "failed", "error": state.error}, 503)
         if state.predictor is None:
             return JSONResponse({"status": "loading"}, 503)
-        return JSONResponse({"status": "ready", "engine": state.predictor.backbone.engine,
-                             "seconds_to_ready": round(state.ready_after or 0.0, 3)})  # fmt: skip
+        backbone = state.predictor.backbone
+        ready = round(state.ready_after or 0.0, 3)
+        return JSONResponse(
+            {"status": "ready", "engine": backbone.engine, "precision": backbone.identity.precision,
+             "seconds_to_ready": ready}
+        )  # fmt: skip
 
     @app.get("/model", summary="The model card: classes, backbone, CV accuracy, when it was fit")
     async def model() -> dict[str, Any]:

@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 from conftest import make_dataset
 from PIL import Image
+from support import serving
 
 import featcache.backbones.build as build
 import featcache.backbones.openvino_engine as engine
@@ -128,3 +130,18 @@ def test_the_int8_onnx_export_is_quantised_and_agrees_with_predict(int8_model, t
     expected = predictor.predict_proba(list(pixels))
     assert np.abs(got - expected).max(axis=1).mean() <= MAX_INT8_DIFFERENCE  # on the training images too
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= MIN_INT8_AGREEMENT
+
+
+def test_serve_runs_the_int8_network_of_a_model_fit_on_int8_features(int8_model):
+    data, _, model_path = int8_model
+    paths = sorted(data.rglob("*.jpg"))[:5]
+    expected = [p.to_dict() for p in Predictor.load(model_path).predict_files(paths)]
+    for extra, precision in (((), "int8"), (("--precision", "fp32"), "fp32")):
+        with serving(model_path, *extra) as url, httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/health").json()["precision"] == precision
+            files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+            got = client.post("/predict", files=files).json()
+        assert [g["path"] for g in got] == [p.name for p in paths]
+        if precision == "int8":
+            probabilities = [e["probability"] for e in expected]
+            assert [g["probability"] for g in got] == pytest.approx(probabilities, abs=1e-6)
