@@ -42,25 +42,31 @@ def load_image(source: ImageSource, draft: int | None = None) -> Image.Image:
     JPEG file is decoded at 1/2, 1/4 or 1/8 of its size (in the DCT domain, much faster) when
     both sides stay at least ``draft`` pixels. Raises :class:`ImageError` when it cannot be decoded.
     """
+    return _load(source, draft, grey=False)
+
+
+def _load(source: ImageSource, draft: int | None, grey: bool) -> Image.Image:
+    """:func:`load_image`; with ``grey``, a grey image stays one 8-bit channel (mode ``L``)."""
     if isinstance(source, np.ndarray):
-        return to_rgb(_from_array(source))
+        return to_rgb(_from_array(source), grey)
     if isinstance(source, Image.Image):
         _check_size(source.size, "image")
-        return to_rgb(_orient(source))
+        return to_rgb(_orient(source), grey)
     if isinstance(source, (str, os.PathLike)):
-        return to_rgb(_orient(_open(Path(source), draft)))
+        return to_rgb(_orient(_open(Path(source), draft), in_place=True), grey)
     if isinstance(source, bytes):
         if not source:
             raise ImageError(EMPTY, "upload")
-        return to_rgb(_orient(_open(io.BytesIO(source), draft)))
+        return to_rgb(_orient(_open(io.BytesIO(source), draft), in_place=True), grey)
     raise TypeError(
         f"expected a path, image file bytes, a PIL image or a NumPy uint8 array, got {type(source).__name__}"
     )
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparent pixels are composited onto white."""
-    if img.mode == "RGB" and "transparency" not in img.info:
+def to_rgb(img: Image.Image, grey: bool = False) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels are composited onto white. With
+    ``grey``, an 8-bit grey image without transparency is returned as it is (its RGB form repeats it)."""
+    if (img.mode == "RGB" or (grey and img.mode == "L")) and "transparency" not in img.info:
         return img
     if img.mode in _SIXTEEN_BIT or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -76,7 +82,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """Resize an RGB image per ``prep`` and return it as a size×size×3 uint8 array."""
+    """Resize an RGB (or grey, ``L``) image per ``prep`` and return it as a size×size×3 uint8 array.
+
+    A grey image is resized as one channel and then repeated: the same pixels as resizing its RGB
+    form, in a third of the work."""
     method = _INTERPOLATIONS[prep.interpolation]
     s = prep.size
     if prep.resize == "stretch":
@@ -89,13 +98,15 @@ def resize(img: Image.Image, prep: Preprocessing) -> np.ndarray:
         out = img.resize((nw, nh), method)
         left, top = (nw - s) // 2, (nh - s) // 2
         out = out.crop((left, top, left + s, top + s))
+    if out.mode == "L":
+        return np.repeat(np.asarray(out)[:, :, None], 3, axis=2)
     return np.array(out, dtype=np.uint8)
 
 
 def load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray:
     """Decode ``source`` and return the network-ready size×size×3 uint8 RGB array."""
     draft = math.floor(prep.size / prep.crop_pct) if prep.jpeg_draft else None
-    return resize(load_image(source, draft=draft), prep)
+    return resize(_load(source, draft, grey=True), prep)
 
 
 def try_load_pixels(source: ImageSource, prep: Preprocessing) -> np.ndarray | str:
@@ -190,8 +201,13 @@ def _check_size(size: tuple[int, int], name: str) -> None:
         raise ImageError(f"empty image ({w}x{h})", name)
 
 
-def _orient(img: Image.Image) -> Image.Image:
+def _orient(img: Image.Image, in_place: bool = False) -> Image.Image:
+    """``img`` turned as its EXIF orientation says; ``in_place`` for an image of ours, which is then
+    not copied when it needs no turning."""
     try:
+        if in_place:
+            ImageOps.exif_transpose(img, in_place=True)
+            return img
         return ImageOps.exif_transpose(img)
     except Exception:  # a damaged EXIF block must not make a good picture unreadable
         log.debug("EXIF orientation not applied: damaged EXIF block", exc_info=True)

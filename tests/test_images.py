@@ -8,7 +8,7 @@ from PIL import Image
 from featcache import images
 from featcache.backbones.normalize import normalize
 from featcache.errors import ImageError
-from featcache.images import Preprocessing, load_image, load_pixels
+from featcache.images import Preprocessing, load_image, load_pixels, resize
 
 
 def _save(img: Image.Image, path, fmt, **kw):
@@ -191,3 +191,29 @@ def test_preprocessing_validates():
         Preprocessing(resize="squash")
     p = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert Preprocessing.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("policy", ["stretch", "center_crop"])
+def test_a_grey_image_is_resized_as_one_channel_to_the_same_pixels(tmp_path, photo, policy):
+    prep = Preprocessing(resize=policy, crop_pct=0.875 if policy == "center_crop" else 1.0)
+    grey = Image.fromarray(photo).convert("L")
+    for fmt in ("PNG", "JPEG"):
+        path = tmp_path / f"grey.{fmt.lower()}"
+        grey.save(path, fmt)
+        as_rgb = np.array(Image.open(path).convert("RGB").resize((prep.size, prep.size), Image.BILINEAR))
+        if policy == "stretch":
+            assert np.array_equal(load_pixels(path, prep), as_rgb)
+        assert np.array_equal(load_pixels(path, prep), resize(load_image(path), prep))  # load_image: RGB
+        assert load_image(path).mode == "RGB" and load_pixels(path, prep).flags.writeable
+
+
+def test_the_callers_picture_is_never_turned_in_place(photo):
+    img = Image.fromarray(photo)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    img.info["exif"] = exif.tobytes()
+    img._exif = exif
+    before = np.asarray(img).copy()
+    turned = load_pixels(img, Preprocessing())
+    assert img.size == (120, 80) and np.array_equal(np.asarray(img), before)
+    assert np.array_equal(turned, load_pixels(np.ascontiguousarray(np.rot90(photo, k=-1)), Preprocessing()))
