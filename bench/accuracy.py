@@ -15,7 +15,7 @@ scored on the test cache's maps; with the fit time (CV and refit) and the cache 
 
     python bench/accuracy.py                                    # Lite0/1/2 x last/multi x 3 families
     python bench/accuracy.py --search --backbones efficientnet_lite0 --families logreg
-    python bench/accuracy.py --precision bf16
+    python bench/accuracy.py --precision bf16     # or int8 (OpenVINO, NNCF)
     python bench/accuracy.py --maps 4,5   # + fine-tuning rows for Lite0 (--finetune-backbones)
 """
 
@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--families", default="logreg,linsvm,softmax")
     parser.add_argument("--no-speed", action="store_true", help="skip the extraction speed runs")
     parser.add_argument("--cv", type=int, default=5)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction precision")
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "int8"], help="extraction precision"
+    )
     parser.add_argument("--maps", default="", help="stages to fine-tune above (comma-separated), e.g. 4,5")
     parser.add_argument(
         "--finetune-backbones", default="efficientnet_lite0", help="backbones --maps applies to"

@@ -14,7 +14,8 @@ baseline's (largest difference in grey levels, and the share of pixel values tha
 - torch-resize: featcache's decoding, then PyTorch's antialiased bilinear resize on uint8 (its
   vectorised kernel, the one torchvision uses), on one thread.
 
-The baseline resizes as the stretch backbones do (Lite0's preprocessing).
+The baseline resizes as the stretch backbones do (Lite0's preprocessing). Needs simplejpeg
+(``pip install simplejpeg``), which featcache itself does not use.
 
     python bench/decode.py                           # 640 28x28 PNGs, 640 300x300 and 96 12 MP JPEGs
     python bench/decode.py --png 320 --square 320 --big 48
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--png", type=int, default=640)
     ap.add_argument("--square", type=int, default=640)
     ap.add_argument("--big", type=int, default=96)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--workdir", default=str(HERE / "out"))
     args = ap.parse_args()
