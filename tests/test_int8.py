@@ -145,3 +145,16 @@ def test_serve_runs_the_int8_network_of_a_model_fit_on_int8_features(int8_model)
         if precision == "int8":
             probabilities = [e["probability"] for e in expected]
             assert [g["probability"] for g in got] == pytest.approx(probabilities, abs=1e-6)
+
+
+def test_predicting_with_the_saved_int8_network_imports_neither_torch_nor_nncf(int8_model):
+    data, _, model_path = int8_model
+    image = str(sorted(data.rglob("*.jpg"))[0])
+    code = (
+        "import sys; from featcache.predictor import Predictor\n"
+        f"p = Predictor.load({str(model_path)!r}, device='cpu')\n"
+        f"p.predict_proba({image!r})\n"
+        "print(p.backbone.identity.precision, sorted(m for m in ('torch', 'nncf') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["int8", "[]"], out.stderr
