@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +12,7 @@ import onnxruntime
 import pytest
 import torch
 from conftest import make_dataset, make_image
-from support import start_featcache
+from support import predict_in_a_new_process, start_featcache
 
 from featcache.backbones.build import build_backbone
 from featcache.backbones.normalize import normalize
@@ -283,23 +282,14 @@ def test_a_fine_tuned_model_predicts_the_same_everywhere(tuned, data, tmp_path):
 
 def test_predicting_needs_no_torch_once_converted_and_rebuilds_without_it(tuned, data, tmp_path):
     model = tuned[1].model_path
-    image = str(sorted(data.rglob("*.jpg"))[0])
-    code = (
-        "import sys, json; from featcache.predictor import Predictor\n"
-        f"p = Predictor.load({str(model)!r}, device='cpu')\n"
-        f"out = [p.predict_proba({image!r}).tolist(), 'torch' in sys.modules, p.backbone.engine]\n"
-        "print(json.dumps(out))\n"
-    )
-    converted = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    proba, torch_loaded, engine = json.loads(converted.stdout)
-    assert (torch_loaded, engine) == (False, "openvino")  # fit converted and saved the network
+    image = sorted(data.rglob("*.jpg"))[0]
+    converted = predict_in_a_new_process(model, image)
+    assert ("torch" in converted["imported"], converted["engine"]) == (False, "openvino")  # fit converted it
     # on a machine where nothing was converted, the bundle's arrays rebuild it
     env = {**os.environ, "FEATCACHE_CACHE_DIR": str(tmp_path / "empty-cache")}
-    rebuilt = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    proba2, torch_loaded2, _ = json.loads(rebuilt.stdout)
-    assert torch_loaded2 and np.abs(np.array(proba) - np.array(proba2)).max() <= ENGINES_AGREE
+    rebuilt = predict_in_a_new_process(model, image, env)
+    difference = np.abs(np.array(converted["probabilities"]) - np.array(rebuilt["probabilities"])).max()
+    assert "torch" in rebuilt["imported"] and difference <= ENGINES_AGREE
 
 
 def test_all_includes_finetune_when_the_cache_keeps_maps(tmp_path, data):

@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 from conftest import make_dataset
 from PIL import Image
-from support import serving
+from support import predict_in_a_new_process, serving
 
 import featcache.backbones.build as build
 import featcache.backbones.openvino_engine as engine
@@ -149,12 +149,5 @@ def test_serve_runs_the_int8_network_of_a_model_fit_on_int8_features(int8_model)
 
 def test_predicting_with_the_saved_int8_network_imports_neither_torch_nor_nncf(int8_model):
     data, _, model_path = int8_model
-    image = str(sorted(data.rglob("*.jpg"))[0])
-    code = (
-        "import sys; from featcache.predictor import Predictor\n"
-        f"p = Predictor.load({str(model_path)!r}, device='cpu')\n"
-        f"p.predict_proba({image!r})\n"
-        "print(p.backbone.identity.precision, sorted(m for m in ('torch', 'nncf') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.split() == ["int8", "[]"], out.stderr
+    done = predict_in_a_new_process(model_path, sorted(data.rglob("*.jpg"))[0])
+    assert (done["precision"], done["engine"], done["imported"]) == ("int8", "openvino", [])

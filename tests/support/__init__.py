@@ -422,3 +422,22 @@ def serving(model_path: str | os.PathLike, *args: str, ready_within: float = 120
             proc.kill()
             proc.wait(timeout=20)
         log.close()
+
+
+def predict_in_a_new_process(
+    model_path: str | os.PathLike, image: str | os.PathLike, env: dict[str, str] | None = None
+) -> dict:
+    """Load ``model_path`` with :class:`featcache.predictor.Predictor` (CPU) in a fresh Python and
+    predict ``image``: its ``probabilities``, the backbone's ``engine`` and ``precision``, and which
+    of torch and NNCF the process ``imported``."""
+    code = (
+        "import sys, json; from featcache.predictor import Predictor\n"
+        f"p = Predictor.load({str(model_path)!r}, device='cpu')\n"
+        f"proba = p.predict_proba({str(image)!r}).tolist()\n"
+        "print(json.dumps({'probabilities': proba, 'engine': p.backbone.engine,\n"
+        "                  'precision': p.backbone.identity.precision,\n"
+        "                  'imported': [m for m in ('torch', 'nncf') if m in sys.modules]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
