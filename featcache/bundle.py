@@ -34,7 +34,7 @@ from joblib.numpy_pickle import NumpyUnpickler
 
 from featcache._version import __version__
 from featcache.backbones.identity import BackboneIdentity, tuned_id
-from featcache.choices import DEFAULT_MODEL
+from featcache.choices import DEFAULT_MODEL, PRECISIONS
 from featcache.dataset import LabelMap
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.files import replaced_atomically
@@ -211,6 +211,8 @@ class ModelBundle:
         from featcache.backbones.build import build_backbone
 
         identity = self.identity
+        if precision is not None and precision not in PRECISIONS:
+            raise FeatcacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision is not None and precision != identity.precision:
             warnings.warn(
                 f"the model was fit on {identity.precision} features and its backbone runs in {precision} "

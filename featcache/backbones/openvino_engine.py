@@ -87,9 +87,10 @@ def load_openvino(identity: BackboneIdentity) -> OpenVINOBackbone | None:
     missing or damaged is quantised again from the fp32 IR when that is intact."""
     folder = ir_folder(identity)
     if not _intact(folder):
-        fp32 = ir_folder(dataclasses.replace(identity, precision="fp32"))
-        if identity.precision == "int8" and _intact(fp32):  # quantised from it, without torch
-            return _quantized(ov.Core().read_model(fp32 / "model.xml"), identity)
+        if identity.precision == "int8":
+            fp32 = ir_folder(dataclasses.replace(identity, precision="fp32"))
+            if _intact(fp32):  # quantised from it, without torch
+                return _quantized(ov.Core().read_model(fp32 / "model.xml"), identity)
         return None
     try:
         return OpenVINOBackbone(_compile(ov.Core().read_model(folder / "model.xml"), identity), identity)
