@@ -683,7 +683,7 @@ def _demo_heading(work: Path, backbone: str) -> None:
     "--precision",
     type=click.Choice(("fp32", "int8")),
     default=None,
-    help="int8: the network quantised (QuantizeLinear/DequantizeLinear), a quarter of the size and "
+    help="int8: the network quantised (QuantizeLinear/DequantizeLinear), a third of the size and "
     "faster on CPUs. Default: int8 for a model fit on INT8 features, else fp32.",
 )
 def export(model_path: str, output: str, precision: str | None) -> None:
