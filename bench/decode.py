@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--png", type=int, default=640)
     ap.add_argument("--square", type=int, default=640)
     ap.add_argument("--big", type=int, default=96)
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--workdir", default=str(HERE / "out"))
     args = ap.parse_args()
