@@ -156,31 +156,31 @@ def export(
             ood_difference = float(np.abs(got[1] - expected_ood).max())
             threshold = bundle.outlier.threshold
             same_verdict = float(np.mean((got[1] > threshold) == (expected_ood > threshold)))
-        checked = typical if precision == "int8" else difference
-        _check_agreement(precision, checked, same, ood_difference, same_verdict)
-    return ExportResult(
-        output, difference, len(pixels), same, ood_difference, precision, same_verdict, typical
-    )
+        result = ExportResult(
+            output, difference, len(pixels), same, ood_difference, precision, same_verdict, typical
+        )
+        _check_agreement(result)
+    return result
 
 
-def _check_agreement(
-    precision: str, difference: float, same: float, ood_difference: float | None, same_verdict: float | None
-) -> None:
-    """Raise :class:`FeatcacheError` when the file's results are further from predict's than
-    ``precision`` allows: fp32 every probability and ood_score within :data:`MAX_DIFFERENCE`; int8
-    the probabilities as :data:`MAX_INT8_DIFFERENCE` says (``difference`` is then the mean of each
-    image's largest), and the best classes and unknown verdicts."""
-    int8 = precision == "int8"
-    checks = [("probabilities", difference, MAX_INT8_DIFFERENCE if int8 else MAX_DIFFERENCE)]
-    if not int8:
-        checks.append(("ood_score", ood_difference, MAX_DIFFERENCE))
+def _check_agreement(result: ExportResult) -> None:
+    """Raise :class:`FeatcacheError` when the file's results are further from predict's than its
+    precision allows: fp32 every probability and ood_score within :data:`MAX_DIFFERENCE`; int8 the
+    mean of each image's largest probability difference within :data:`MAX_INT8_DIFFERENCE`, and
+    the best classes and unknown verdicts as :data:`MIN_INT8_AGREEMENT` says."""
+    int8 = result.precision == "int8"
+    if int8:
+        checks = [("probabilities", result.mean_difference, MAX_INT8_DIFFERENCE)]
+    else:
+        checks = [("probabilities", result.max_difference, MAX_DIFFERENCE),
+                  ("ood_score", result.ood_difference, MAX_DIFFERENCE)]  # fmt: skip
     for what, value, limit in checks:
         if value is not None and not value <= limit:
             raise FeatcacheError(
                 f"the exported model's {what} differ from featcache predict's by {value:.2g}"
                 f"{' on average' if int8 else ''} (allowed: {limit:.2g}); nothing was written"
             )
-    agreements = (("best class", same), ("unknown verdict", same_verdict)) if int8 else ()
+    agreements = (("best class", result.same_label), ("unknown verdict", result.same_verdict)) if int8 else ()
     for what, share in agreements:
         if share is not None and not share >= MIN_INT8_AGREEMENT:
             raise FeatcacheError(

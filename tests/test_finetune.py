@@ -16,8 +16,7 @@ from support import predict_in_a_new_process, start_featcache
 
 from featcache.backbones.build import build_backbone
 from featcache.backbones.normalize import normalize
-from featcache.backbones.openvino_engine import ir_folder
-from featcache.backbones.quantize import mean_cosine
+from featcache.backbones.openvino_engine import cosines, ir_folder
 from featcache.bundle import load_bundle, save_bundle
 from featcache.cache import Rows, RowView, read_cache
 from featcache.cli import main
@@ -433,6 +432,6 @@ def test_a_fine_tuned_network_quantises_to_int8_as_the_pretrained_one_does(tuned
     assert ir_folder(identity) != ir_folder(fp32.backbone.identity) and ir_folder(identity).is_dir()
     # kept because it passed the check on the calibration photographs; on these synthetic pictures the
     # sparse features of a top tuned on 24 of them move more (0.90 here), the answers hardly
-    assert mean_cosine(fp32.embed(files), int8.embed(files)) >= 0.85
+    assert cosines(fp32.embed(files), int8.embed(files)).mean() >= 0.85
     p32, p8 = fp32.predict_proba(files), int8.predict_proba(files)
     assert np.mean(p32.argmax(1) == p8.argmax(1)) >= 0.9 and np.abs(p32 - p8).max() <= 0.2

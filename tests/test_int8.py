@@ -18,8 +18,8 @@ from support import predict_in_a_new_process, serving
 import featcache.backbones.build as build
 import featcache.backbones.openvino_engine as engine
 from featcache.backbones.build import build_backbone
-from featcache.backbones.openvino_engine import OpenVINOBackbone, ir_folder
-from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels, mean_cosine
+from featcache.backbones.openvino_engine import OpenVINOBackbone, cosines, ir_folder
+from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels
 from featcache.cache import read_cache
 from featcache.errors import FeatcacheError, FeatcacheWarning
 from featcache.export import MAX_INT8_DIFFERENCE, MIN_INT8_AGREEMENT, export
@@ -47,7 +47,7 @@ def test_int8_features_are_their_own_identity_and_close_to_fp32(int8_model, tmp_
     assert int8.identity.precision == "int8" and int8.engine == "openvino"
     fp32 = read_cache(extract(data, tmp_path / "fp32.h5", backbone=BACKBONE, workers=0).output)
     assert fp32.paths == int8.paths and fp32.identity.differences(int8.identity)[0].field == "precision"
-    cosine = mean_cosine(fp32.features[:], int8.features[:])
+    cosine = cosines(fp32.features[:], int8.features[:]).mean()
     assert MIN_MEAN_COSINE <= cosine < 0.9999  # close, and not the fp32 network under another name
     with pytest.raises(FeatcacheError, match="precision: int8 vs fp32"):
         extract(data, cache, precision="fp32", workers=0)  # a cache never mixes them

@@ -132,9 +132,7 @@ def save_openvino(net: EagerBackbone, identity: BackboneIdentity) -> OpenVINOBac
     if identity.maps is not None:
         pairs.append((net.embed_maps(probe)[1], fp32.embed_maps(probe)[1]))
     for what, (expected, got) in zip(("embeddings", "maps"), pairs, strict=False):
-        expected, got = expected.reshape(len(probe), -1), got.reshape(len(probe), -1)
-        norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
-        cosine = float(np.min(np.sum(expected * got, 1) / norms))
+        cosine = float(cosines(expected, got).min())
         if not cosine >= MIN_COSINE:
             raise RuntimeError(f"the OpenVINO model's {what} are off (cosine {cosine:.7f} < {MIN_COSINE})")
     _write(model, ir_folder(net.identity))
@@ -145,10 +143,17 @@ def save_openvino(net: EagerBackbone, identity: BackboneIdentity) -> OpenVINOBac
     return OpenVINOBackbone(_compile(model, identity), identity)
 
 
+def cosines(expected: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """The cosine between each row of ``expected`` and the same row of ``got`` (rows flattened)."""
+    expected, got = expected.reshape(len(expected), -1), got.reshape(len(got), -1)
+    norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
+    return np.sum(expected * got, 1) / np.maximum(norms, 1e-30)
+
+
 def _quantized(model: ov.Model, identity: BackboneIdentity) -> OpenVINOBackbone:
     """The fp32 IR ``model`` quantised to INT8, checked against it on the calibration images and
     saved as ``identity``'s (an ``int8`` one); a :class:`FeatcacheError` when it is too far from fp32."""
-    from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels, mean_cosine, quantize_int8
+    from featcache.backbones.quantize import MIN_MEAN_COSINE, calibration_pixels, quantize_int8
 
     fp32 = dataclasses.replace(identity, precision="fp32")
     calibration = calibration_pixels(fp32.preprocessing)
@@ -156,7 +161,8 @@ def _quantized(model: ov.Model, identity: BackboneIdentity) -> OpenVINOBackbone:
     expected = OpenVINOBackbone(_compile(model, fp32), fp32)
     got = OpenVINOBackbone(_compile(int8, identity), identity)
     batches = [calibration[i : i + 32] for i in range(0, len(calibration), 32)]
-    cosine = mean_cosine(*(np.concatenate([b.embed(x) for x in batches]) for b in (expected, got)))
+    embedded = (np.concatenate([b.embed(x) for x in batches]) for b in (expected, got))
+    cosine = float(cosines(*embedded).mean())
     if not cosine >= MIN_MEAN_COSINE:
         raise FeatcacheError(
             f"the INT8 network's embeddings are off (mean cosine {cosine:.4f} < {MIN_MEAN_COSINE})"

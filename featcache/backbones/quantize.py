@@ -82,9 +82,3 @@ def _quantize(model, items: list, **options):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **options)
 
-
-def mean_cosine(expected: np.ndarray, got: np.ndarray) -> float:
-    """The mean cosine between the rows of two N×D arrays."""
-    expected, got = expected.reshape(len(expected), -1), got.reshape(len(got), -1)
-    norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1)
-    return float(np.mean(np.sum(expected * got, 1) / np.maximum(norms, 1e-30)))
